@@ -1,0 +1,241 @@
+"""
+The GPT model of the nanochat speedrun (SPEC §3, seed "GPT Code" diagram). Plain PyTorch.
+
+Notable features:
+- rotary position embeddings (base 10,000), no learned positions
+- QK-norm: RMSNorm on queries and keys after rotary
+- RMSNorm without learnable parameters, everywhere
+- grouped-query attention (n_kv_head divides n_head)
+- ReLU² MLP, no biases anywhere
+- untied embedding and lm_head; logits soft-capped at 15·tanh(x/15)
+- a KV-cache forward path for the inference engine
+
+Build on the meta device, move to the target device, then call init_weights():
+    with torch.device("meta"): model = GPT(config)
+    model.to_empty(device="cpu"); model.init_weights()
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    sequence_len: int = 2048  # longest context the rotary table covers
+    vocab_size: int = 65536
+    n_layer: int = 20
+    n_head: int = 10  # query heads
+    n_kv_head: int = 10  # key/value heads (GQA when < n_head)
+    n_embd: int = 1280
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    # parameter-free RMSNorm
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, H, D); rotate the two halves of the head dimension as pairs
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values for every layer, (layers, 2, B, H_kv, T_max, D), grown on demand.
+
+    The position advances only after the last layer has written, so all layers of one
+    forward see the same offset.
+    """
+
+    def __init__(self, batch_size: int, n_kv_head: int, head_dim: int, n_layer: int, seq_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.shape = (n_layer, 2, batch_size, n_kv_head, seq_len, head_dim)
+        self.kv = torch.empty(self.shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[2]
+
+    def prefill_from(self, other: "KVCache") -> None:
+        """Copy a (batch 1) prefilled cache into every row of this one."""
+        assert other.batch_size in (1, self.batch_size), "can only broadcast a batch-1 cache"
+        self._ensure(other.pos)
+        self.kv[:, :, :, :, :other.pos] = other.kv[:, :, :, :, :other.pos]
+        self.pos = other.pos
+
+    def _ensure(self, needed: int) -> None:
+        if needed <= self.kv.shape[4]:
+            return
+        # grow in chunks of 1024 so decoding long answers does not reallocate every step
+        new_len = (needed + 1023) // 1024 * 1024
+        grown = torch.empty((*self.kv.shape[:4], new_len, self.kv.shape[5]),
+                            device=self.kv.device, dtype=self.kv.dtype)
+        grown[:, :, :, :, :self.pos] = self.kv[:, :, :, :, :self.pos]
+        self.kv = grown
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, T, D) at the current position; return all keys/values so far."""
+        t0, t1 = self.pos, self.pos + k.size(2)
+        self._ensure(t1)
+        self.kv[layer, 0, :, :, t0:t1] = k
+        self.kv[layer, 1, :, :, t0:t1] = v
+        if layer == self.kv.size(0) - 1:
+            self.pos = t1
+        return self.kv[layer, 0, :, :, :t1], self.kv[layer, 1, :, :, :t1]
+
+
+# -----------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+
+        if kv_cache is not None:
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+        Tq, Tk = q.size(2), k.size(2)
+        gqa = self.n_head != self.n_kv_head
+        if kv_cache is None or Tq == Tk:
+            # training, or prefill of an empty cache: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif Tq == 1:
+            # one decode step attends to everything cached
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+        else:
+            # a chunk after a prefix: all of the prefix, causal within the chunk
+            prefix = Tk - Tq
+            mask = torch.ones((Tq, Tk), dtype=torch.bool, device=q.device).tril(diagonal=prefix)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, Tq, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin, kv_cache):
+        x = x + self.attn(norm(x), cos_sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+# -----------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        assert config.n_head % config.n_kv_head == 0, "n_kv_head must divide n_head"
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # rotary table for 10x the context, so the engine can decode past sequence_len
+        self.rotary_len = config.sequence_len * 10
+        cos, sin = self._rotary_table(self.rotary_len, config.head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary_table(self, seq_len: int, head_dim: int, base: float = 10000.0,
+                      device: torch.device | str | None = None):
+        device = device or self.transformer.wte.weight.device
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        # (1, T, 1, D/2): broadcasts over batch and heads
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """SPEC §3 init; call after to_empty() when the model was built on the meta device."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        # output projections start at zero: every block begins as the identity
+        nn.init.zeros_(self.lm_head.weight)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        # buffers are not created by to_empty() with real values; rebuild the rotary table
+        self.cos, self.sin = self._rotary_table(self.rotary_len, self.config.head_dim)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self) -> int:
+        """FLOPs per token for forward+backward (SPEC §3): 6·N_nonembed + attention term."""
+        c = self.config
+        nparams_nonembed = self.num_params() - self.transformer.wte.weight.numel()
+        return 6 * nparams_nonembed + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
+        """idx (B, T) → logits (B, T, vocab), or the loss when targets are given.
+
+        Targets of -1 are ignored. loss_reduction="none" gives per-token losses (B, T) for bpb.
+        """
+        B, T = idx.size()
+        t0 = kv_cache.pos if kv_cache is not None else 0
+        assert t0 + T <= self.cos.size(1), f"sequence of {t0 + T} tokens exceeds the rotary table"
+        cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos_sin, kv_cache)
+        x = norm(x)
+
+        softcap = 15.0
+        logits = self.lm_head(x).float()  # (B, T, vocab); fp32 for a stable softmax
+        logits = softcap * torch.tanh(logits / softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
