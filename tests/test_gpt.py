@@ -1,0 +1,113 @@
+"""The model: parameter count, init, KV-cache equivalence, FLOPs."""
+
+import torch
+
+from nanochat_ray.gpt import GPT, GPTConfig, KVCache
+
+TINY = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+def build(config: GPTConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
+def randomize(model: GPT) -> GPT:
+    # the init zeroes every output projection, so the KV test would compare zeros; perturb all weights
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    return model
+
+
+def test_d20_parameter_count_on_meta_device():
+    with torch.device("meta"):
+        model = GPT(GPTConfig())  # d20: dim 1280, 10 heads, vocab 65,536
+    assert model.num_params() == 560_988_160
+
+
+def test_estimate_flops_formula():
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    nonembed = 560_988_160 - 65536 * 1280
+    assert model.estimate_flops() == 6 * nonembed + 12 * 20 * 10 * 128 * 2048
+
+
+def test_init_statistics():
+    model = build(GPTConfig(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=256))
+    assert model.lm_head.weight.abs().sum() == 0
+    for block in model.transformer.h:
+        assert block.attn.c_proj.weight.abs().sum() == 0 and block.mlp.c_proj.weight.abs().sum() == 0
+    assert abs(model.transformer.wte.weight.std().item() - 1.0) < 0.02
+    # c_fc: fan_in 256, fan_out 1024 → std 1/16; c_q: square → 1/16 as well
+    w = model.transformer.h[0].mlp.c_fc.weight
+    assert abs(w.std().item() - 1 / 16) < 0.002
+    assert not any(p.ndim == 1 for p in model.parameters()), "no biases and no norm weights"
+
+
+def test_fresh_model_predicts_uniform_and_logits_are_softcapped():
+    model = build(TINY)
+    idx = torch.randint(0, 300, (2, 16))
+    loss = model(idx, targets=idx)
+    # zero lm_head → all logits 0 → loss is exactly ln(vocab)
+    assert torch.allclose(loss, torch.log(torch.tensor(300.0)), atol=1e-5)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(10.0)
+    assert model(idx).abs().max() <= 15.0
+
+
+def test_ignore_index_and_per_token_losses():
+    model = randomize(build(TINY))
+    idx = torch.randint(0, 300, (2, 16))
+    targets = idx.clone()
+    targets[:, :8] = -1
+    per_token = model(idx, targets=targets, loss_reduction="none")
+    assert per_token.shape == (2, 16) and (per_token[:, :8] == 0).all()
+    assert torch.allclose(model(idx, targets=targets), per_token[:, 8:].mean(), atol=1e-6)
+
+
+def test_kv_cache_prefill_then_decode_matches_full_forward():
+    model = randomize(build(TINY))
+    idx = torch.randint(0, 300, (1, 40))
+    with torch.no_grad():
+        full = model(idx)
+        # a small cache so that decoding has to grow it
+        cache = KVCache(1, TINY.n_kv_head, TINY.head_dim, TINY.n_layer, seq_len=16)
+        steps = [model(idx[:, :24], kv_cache=cache)]
+        steps += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(24, 40)]
+    assert cache.pos == 40
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_chunked_prefill_and_row_broadcast():
+    model = randomize(build(TINY))
+    idx = torch.randint(0, 300, (1, 30))
+    with torch.no_grad():
+        full = model(idx)
+        one = KVCache(1, TINY.n_kv_head, TINY.head_dim, TINY.n_layer, seq_len=64)
+        model(idx[:, :10], kv_cache=one)
+        chunk = model(idx[:, 10:20], kv_cache=one)  # a multi-token chunk after a prefix
+        torch.testing.assert_close(chunk, full[:, 10:20], atol=1e-5, rtol=1e-5)
+        many = KVCache(3, TINY.n_kv_head, TINY.head_dim, TINY.n_layer, seq_len=64)
+        many.prefill_from(one)
+        out = model(idx[:, 20:21].expand(3, 1), kv_cache=many)
+    for row in range(3):
+        torch.testing.assert_close(out[row, 0], full[0, 20], atol=1e-5, rtol=1e-5)
+
+
+def test_training_reduces_loss():
+    model = build(TINY)
+    idx = torch.randint(0, 300, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = model(idx[:, :-1], targets=idx[:, 1:])
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 1.0
