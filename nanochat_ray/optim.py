@@ -1,0 +1,214 @@
+"""
+The two optimizers of the speedrun (SPEC §4): Muon for the matrices inside the blocks, AdamW for
+the embedding and the lm_head. Both are distributed-aware and sync gradients themselves, so the
+model is not wrapped in DDP:
+
+- DistMuon: the gradients are averaged onto the rank that owns each matrix (round-robin). That
+  rank runs momentum + Newton–Schulz and broadcasts the new weights.
+- DistAdamW: each rank owns a row slice (dim 0) of every parameter and keeps Adam state only for
+  that slice (ZeRO-2 style). Gradient slices are averaged onto their owner, which updates the slice
+  and broadcasts it.
+
+Per-matrix `reduce` to the owner plus `broadcast` from it moves about as much data as the
+reference's reduce-scatter + all-gather. Gloo and NCCL have both supported these two collectives
+for a long time, which is not true of reduce-scatter on gloo. Uneven row slices need no padding.
+In one process (or world size 1) all of this turns into plain Muon / AdamW updates.
+
+step() uses up the gradients: on a non-owning rank, gloo's reduce may leave partial sums in
+p.grad. Optimizer state is per rank, so a checkpoint saves one optimizer file per rank and must
+be resumed with the same world size.
+
+    adamw, muon = build_optimizers(model)
+"""
+
+import torch
+import torch.distributed as dist
+
+from nanochat_ray.gpt import GPT
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _row_shards(rows: int, world: int) -> list[tuple[int, int]]:
+    """[lo, hi) rows owned by each rank; ceil split, so trailing shards may be short or empty."""
+    size = -(-rows // world)
+    return [(min(r * size, rows), min((r + 1) * size, rows)) for r in range(world)]
+
+
+# -----------------------------------------------------------------------------
+# Muon
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximate U·Vᵀ of g = U·S·Vᵀ with a quintic Newton–Schulz iteration (in bf16 by default).
+
+    The coefficients favour pushing small singular values up fast over exact convergence, so
+    the result has singular values roughly in [0.7, 1.2] instead of exactly 1. That is enough
+    for an update direction.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT  # iterate on the wide side, so the Gram matrix x·xᵀ is the small one
+    # the Frobenius norm bounds the spectral norm, so every singular value starts ≤ 1;
+    # the epsilon keeps an all-zero gradient at zero instead of producing NaN
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+class DistMuon(torch.optim.Optimizer):
+    """SGD-momentum (Nesterov), then orthogonalise the update, for 2-D weight matrices."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16):
+        # ns_dtype: bf16 as in the reference; fp32 makes 1 vs N processes comparable to fp32
+        # rounding (tests), since bf16 turns tiny gradient-averaging differences into whole ulps
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps, ns_dtype=ns_dtype))
+        assert all(p.ndim == 2 for group in self.param_groups for p in group["params"]), \
+            "Muon is for 2-D matrices only"
+
+    @torch.no_grad()
+    def step(self) -> None:
+        rank, world = _rank_world()
+        works = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if world > 1:
+                # start summing every gradient onto its owner; the owner waits for its own
+                # results below while the other reductions are still in flight
+                reduces = [dist.reduce(p.grad, dst=i % world, async_op=True) for i, p in enumerate(params)]
+                works += reduces
+            for i, p in enumerate(params):
+                owner = i % world
+                if owner == rank:
+                    if world > 1:
+                        reduces[i].wait()
+                    self._update(p, p.grad / world if world > 1 else p.grad, group)
+                if world > 1:
+                    works.append(dist.broadcast(p, src=owner, async_op=True))
+        for work in works:
+            work.wait()
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+        buf = state["momentum_buffer"]
+        momentum = group["momentum"]
+        buf.lerp_(grad, 1 - momentum)
+        g = grad.lerp(buf, momentum) if group["nesterov"] else buf
+        g = orthogonalize(g, group["ns_steps"], group["ns_dtype"])
+        # measured RMS-in to RMS-out, an orthogonal tall matrix shrinks by sqrt(cols/rows);
+        # undo that so tall matrices move their outputs as much as square and wide ones
+        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+        p.add_(g.to(p.dtype), alpha=-group["lr"] * scale)
+
+
+def muon_momentum(step: int) -> float:
+    """Muon momentum: linear warm-up from 0.85 to 0.95 over the first 300 steps, then 0.95."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def set_muon_momentum(muon: DistMuon, step: int) -> None:
+    """Apply muon_momentum(step) to every group of the Muon optimizer; call before step()."""
+    for group in muon.param_groups:
+        group["momentum"] = muon_momentum(step)
+
+
+# -----------------------------------------------------------------------------
+# AdamW
+
+
+class DistAdamW(torch.optim.Optimizer):
+    """AdamW with decoupled weight decay; state sharded by rows across ranks."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.8, 0.95),
+                 eps: float = 1e-10, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        rank, world = _rank_world()
+        works = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            own_reduces = []  # per parameter: the work that delivers this rank's slice
+            if world > 1:
+                # a hand-made reduce-scatter: each row slice of the gradient is summed onto its owner
+                for p in params:
+                    own = None
+                    for r, (lo, hi) in enumerate(_row_shards(p.size(0), world)):
+                        if hi > lo:
+                            works.append(dist.reduce(p.grad[lo:hi], dst=r, async_op=True))
+                            if r == rank:
+                                own = works[-1]
+                    own_reduces.append(own)
+            for i, p in enumerate(params):
+                shards = _row_shards(p.size(0), world)
+                lo, hi = shards[rank]
+                if hi > lo:
+                    if world > 1:
+                        own_reduces[i].wait()
+                    grad = p.grad[lo:hi] / world if world > 1 else p.grad
+                    self._update(p[lo:hi], grad, self.state[p], group)
+                if world > 1:
+                    works += [dist.broadcast(p[slo:shi], src=r, async_op=True)
+                              for r, (slo, shi) in enumerate(shards) if shi > slo]
+        for work in works:
+            work.wait()
+
+    @staticmethod
+    def _update(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].lerp_(grad.square(), 1 - beta2)
+        bias1 = 1 - beta1 ** state["step"]
+        bias2 = 1 - beta2 ** state["step"]
+        denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+
+
+# -----------------------------------------------------------------------------
+
+
+def build_optimizers(model: GPT, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
+                     matrix_lr: float = 0.02, weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
+    """[AdamW for embedding + lm_head, Muon for the block matrices], with SPEC §4 settings.
+
+    Every group records `initial_lr`, so a schedule sets group["lr"] = group["initial_lr"] * mult.
+    """
+    matrix_params = list(model.transformer.h.parameters())
+    embedding_params = list(model.transformer.wte.parameters())
+    lm_head_params = list(model.lm_head.parameters())
+    grouped = [id(p) for p in matrix_params + embedding_params + lm_head_params]
+    all_params = [id(p) for p in model.parameters()]
+    assert len(grouped) == len(set(grouped)) and set(grouped) == set(all_params), \
+        "every parameter must land in exactly one optimizer group"
+
+    # the AdamW LRs were tuned at width 768; scale them as 1/sqrt(width) for other widths
+    dim_scale = (model.config.n_embd / 768) ** -0.5
+    adamw = DistAdamW([dict(params=lm_head_params, lr=unembedding_lr * dim_scale),
+                       dict(params=embedding_params, lr=embedding_lr * dim_scale)],
+                      betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+    muon = DistMuon(matrix_params, lr=matrix_lr, momentum=0.95)
+    optimizers = [adamw, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
