@@ -1,0 +1,328 @@
+"""
+Checkpoints: model weights, per-rank optimizer state and a readable meta.json, per stage.
+
+Layout (plain files, loadable with torch.load and a text editor, no framework):
+
+    <root>/checkpoints/<stage>/<model_tag>/     stage in base|mid|sft|rl, model_tag e.g. "d20"
+        LATEST                                  names the last step saved, e.g. "step_000123"
+        step_000123/
+            model.pt                            model state_dict (written by rank 0)
+            optim_rank{r}.pt                    rank r's list of optimizer state_dicts (every rank:
+                                                distributed optimizers shard their state)
+            meta.json                           model config, run config, step, data position,
+                                                metrics, world_size and a `files` manifest
+                                                {name: {bytes, sha256}}; written last
+
+Nothing is lost or half-read: a step is written into a hidden temp dir beside its final name,
+fsynced and renamed into place, then LATEST is replaced atomically. A crash leaves either a whole
+step or a temp dir that is ignored. Every file is checked against the manifest before loading,
+and the newest step that checks out is the one resumed.
+
+    save_checkpoint(checkpoint_dir("base", "d20"), step, model.state_dict(), optim_states, meta)
+    model_state, optim_states, meta = load_checkpoint(checkpoint_dir("base", "d20"))
+
+Several ranks on a shared file system: every rank calls save_checkpoint with its own optimizer
+state and barrier=torch.distributed.barrier. Any other directory (e.g. one handed to Ray Train's
+Checkpoint.from_directory): write_checkpoint on each rank, finalize_checkpoint on rank 0 once
+every rank's file is there (so the ranks must share that directory, or gather their optimizer
+state to rank 0 first), and install_checkpoint later to make it a step of a stage.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from nanochat_ray.common import base_dir
+from nanochat_ray.gpt import GPT, GPTConfig
+
+STAGES = ("base", "mid", "sft", "rl")
+MODEL_FILE = "model.pt"
+META_FILE = "meta.json"
+LATEST_FILE = "LATEST"
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt."""
+
+
+def checkpoint_dir(stage: str, model_tag: str, root: str | Path | None = None) -> Path:
+    """The directory holding every step of one stage of one model."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}, expected one of {STAGES}")
+    return Path(root or base_dir()) / "checkpoints" / stage / model_tag
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def optim_file(rank: int) -> str:
+    return f"optim_rank{rank}.pt"
+
+
+# -----------------------------------------------------------------------------
+# writing
+
+
+def write_checkpoint(directory: str | Path, model_state: dict | None, optim_state: Any,
+                     rank: int = 0) -> None:
+    """Write this rank's files into `directory`: model.pt on rank 0, optim_rank{rank}.pt on every
+    rank (skipped when optim_state is None). Not loadable until finalize_checkpoint ran."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _save(model_state, directory / MODEL_FILE)
+    if optim_state is not None:
+        _save(optim_state, directory / optim_file(rank))
+
+
+def finalize_checkpoint(directory: str | Path, meta: dict, world_size: int = 1) -> dict:
+    """Rank 0, once every rank's files are in `directory`: hash them and write meta.json last.
+
+    `meta` must hold "step"; dataclasses in it (e.g. the model config) are stored as dicts.
+    Returns the meta as written.
+    """
+    directory = Path(directory)
+    if "step" not in meta:
+        raise ValueError("meta needs a 'step'")
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != META_FILE)
+    if MODEL_FILE not in names:
+        raise CheckpointError(f"{directory} has no {MODEL_FILE}: rank 0 must call write_checkpoint first")
+    shards = {n for n in names if n.startswith("optim_rank")}
+    expected = {optim_file(r) for r in range(world_size)}
+    if shards and shards != expected:
+        raise CheckpointError(f"{directory} holds optimizer files {sorted(shards)}, but {world_size} "
+                              f"ranks should have written {sorted(expected)}")
+    meta = {**meta, "world_size": world_size, "files": {n: _describe(directory / n) for n in names}}
+    _write_atomic(directory / META_FILE, json.dumps(meta, indent=2, default=_to_json).encode())
+    _fsync(directory)
+    return meta
+
+
+def save_checkpoint(stage_dir: str | Path, step: int, model_state: dict | None, optim_state: Any,
+                    meta: dict | None, rank: int = 0, world_size: int = 1,
+                    barrier: Callable[[], None] | None = None) -> Path:
+    """Save one step atomically and point LATEST at it; returns the step directory.
+
+    Every rank calls this with its own optimizer state; rank 0 also passes model_state and meta
+    (model_config, run_config, data position, metrics...). With several ranks, `barrier` (e.g.
+    torch.distributed.barrier) orders the phases: clean temp dir → all ranks write → rank 0
+    finalizes and renames. When it returns, the step is complete for every rank.
+    """
+    if world_size > 1 and barrier is None:
+        raise ValueError("saving from several ranks needs a barrier, e.g. torch.distributed.barrier")
+    barrier = barrier or (lambda: None)
+    stage_dir = Path(stage_dir)
+    tmp = stage_dir / f".tmp_{step_name(step)}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
+        tmp.mkdir(parents=True)
+    barrier()
+    write_checkpoint(tmp, model_state, optim_state, rank)
+    barrier()
+    if rank == 0:
+        finalize_checkpoint(tmp, {**meta, "step": step}, world_size)
+        _publish(tmp, stage_dir, step)
+    barrier()
+    return stage_dir / step_name(step)
+
+
+def install_checkpoint(src_dir: str | Path, stage_dir: str | Path) -> Path:
+    """Copy a complete checkpoint directory (e.g. from Ray Train's storage) into `stage_dir` as
+    the step its meta.json names, atomically, and point LATEST at it. Returns the step dir."""
+    meta = verify_checkpoint(src_dir)
+    stage_dir = Path(stage_dir)
+    tmp = stage_dir / f".tmp_{step_name(meta['step'])}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src_dir, tmp)
+    for path in tmp.iterdir():
+        _fsync(path)
+    _fsync(tmp)
+    _publish(tmp, stage_dir, meta["step"])
+    return stage_dir / step_name(meta["step"])
+
+
+def _publish(tmp: Path, stage_dir: Path, step: int) -> None:
+    # rename the finished temp dir to its final name, then move LATEST
+    final = stage_dir / step_name(step)
+    if final.exists():
+        # the same step saved again (e.g. after a resume): rename can't replace a non-empty dir
+        old = stage_dir / f".old_{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync(stage_dir)
+    _write_atomic(stage_dir / LATEST_FILE, f"{final.name}\n".encode())
+
+
+def _save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    # directories too: a rename is durable only once its directory is synced
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _to_json(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"meta.json can't hold a {type(obj).__name__}: pass plain dicts, lists, numbers, strings")
+
+
+# -----------------------------------------------------------------------------
+# verifying and reading
+
+
+def _describe(path: Path) -> dict:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+def _fix(directory: Path) -> str:
+    return (f"Delete {directory} and resume from an earlier step (the newest good one is picked "
+            f"when no step is given), or pass --step N to load another step.")
+
+
+def verify_checkpoint(directory: str | Path) -> dict:
+    """Check every file against meta.json's manifest (size, then sha256); return the meta.
+
+    Raises CheckpointError naming the bad file. Reads every byte, so it costs about as much as
+    loading the checkpoint.
+    """
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{directory} is incomplete: no {META_FILE} (its save was interrupted). "
+                              + _fix(directory))
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = meta["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{meta_path} is unreadable ({e!r}). " + _fix(directory)) from e
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing. " + _fix(directory))
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{path} is {size} bytes but {expected['bytes']} were saved "
+                                  f"(truncated or overwritten). " + _fix(directory))
+        if _describe(path)["sha256"] != expected["sha256"]:
+            raise CheckpointError(f"{path} is corrupt (its sha256 differs from the saved one). "
+                                  + _fix(directory))
+    return meta
+
+
+def _steps(stage_dir: Path) -> list[int]:
+    # step directories only: hidden temp dirs (.tmp_step_*) never match
+    if not stage_dir.is_dir():
+        return []
+    found = (STEP_DIR.fullmatch(p.name) for p in stage_dir.iterdir() if p.is_dir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def _newest_good(stage_dir: Path) -> tuple[int, dict] | None:
+    # LATEST first (it names the last step saved, even after resuming from an older one),
+    # then every step from the highest down
+    candidates = _steps(stage_dir)[::-1]
+    latest = stage_dir / LATEST_FILE
+    if latest.is_file() and (m := STEP_DIR.fullmatch(latest.read_text().strip())):
+        candidates.insert(0, int(m.group(1)))
+    for step in dict.fromkeys(candidates):  # dedupe, keep order
+        try:
+            return step, verify_checkpoint(stage_dir / step_name(step))
+        except CheckpointError as e:
+            warnings.warn(f"skipping {step_name(step)}: {e}")
+    return None
+
+
+def latest_step(stage_dir: str | Path) -> int | None:
+    """The step to resume from: LATEST if it verifies, else the highest step that does; None if none."""
+    found = _newest_good(Path(stage_dir))
+    return found[0] if found else None
+
+
+def read_checkpoint(directory: str | Path, device: str | torch.device = "cpu", rank: int = 0,
+                    load_optimizer: bool = True) -> tuple[dict, Any, dict]:
+    """Verify and load one checkpoint directory (any directory finalize_checkpoint wrote)."""
+    return _read(Path(directory), verify_checkpoint(directory), device, rank, load_optimizer)
+
+
+def load_checkpoint(stage_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu",
+                    rank: int = 0, load_optimizer: bool = True) -> tuple[dict, Any, dict]:
+    """(model_state, this rank's optimizer state or None, meta) of one step; step None = latest.
+
+    Tensors land on `device` (map_location), so a GPU checkpoint loads on a CPU-only machine.
+    """
+    stage_dir = Path(stage_dir)
+    if step is None:
+        found = _newest_good(stage_dir)
+        if found is None:
+            raise CheckpointError(f"no complete checkpoint in {stage_dir}: train this stage first, "
+                                  f"or check the model tag and base dir (NANOCHAT_BASE_DIR)")
+        step, meta = found
+    else:
+        meta = verify_checkpoint(stage_dir / step_name(step))
+    return _read(stage_dir / step_name(step), meta, device, rank, load_optimizer)
+
+
+def _read(directory: Path, meta: dict, device, rank: int, load_optimizer: bool) -> tuple[dict, Any, dict]:
+    model_state = torch.load(directory / MODEL_FILE, map_location=device)
+    optim_state = None
+    if load_optimizer:
+        name = optim_file(rank)
+        if name not in meta["files"]:
+            saved = sorted(n for n in meta["files"] if n.startswith("optim_rank")) or "no optimizer state"
+            raise CheckpointError(f"{directory} has no {name} (it holds {saved}): resume with the same "
+                                  f"number of ranks ({meta['world_size']}), or load without the optimizer.")
+        optim_state = torch.load(directory / name, map_location=device)
+    return model_state, optim_state, meta
+
+
+def build_model_from_checkpoint(stage: str, model_tag: str, step: int | None = None,
+                                device: str | torch.device = "cpu",
+                                root: str | Path | None = None) -> tuple[GPT, dict]:
+    """A GPT with a stage's weights (step None = latest), plus the checkpoint's meta."""
+    model_state, _, meta = load_checkpoint(checkpoint_dir(stage, model_tag, root), step, device,
+                                           load_optimizer=False)
+    # a torch.compile'd model's state_dict prefixes every key with `_orig_mod.`
+    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**meta["model_config"]))
+    model.to_empty(device=device)
+    model.init_weights()  # rebuilds the rotary tables, which the state_dict does not hold
+    model.load_state_dict(model_state, strict=True, assign=True)
+    return model, meta

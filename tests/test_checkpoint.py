@@ -1,0 +1,191 @@
+"""Checkpoint format: round trip, atomicity, corruption detection, per-rank optimizer shards."""
+
+import dataclasses
+import json
+import threading
+
+import pytest
+import torch
+
+from nanochat_ray.checkpoint import (
+    LATEST_FILE, CheckpointError, build_model_from_checkpoint, checkpoint_dir, finalize_checkpoint,
+    install_checkpoint, latest_step, load_checkpoint, read_checkpoint, save_checkpoint, step_name,
+    write_checkpoint,
+)
+from nanochat_ray.gpt import GPT, GPTConfig
+
+TINY = GPTConfig(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(TINY)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    # init zeroes the output projections; perturb them so the logits depend on every weight
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def trained_optimizer(model: GPT) -> torch.optim.Optimizer:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    idx = torch.randint(0, TINY.vocab_size, (2, 8))
+    model(idx, targets=idx).backward()
+    opt.step()
+    return opt
+
+
+def meta_for(step: int) -> dict:
+    return {"model_config": dataclasses.asdict(TINY), "run_config": {"depth": 2, "lr": 0.02},
+            "data_position": {"shard": 1, "row_group": 3}, "metrics": {"val_bpb": 1.5 - step / 100}}
+
+
+def save(stage_dir, step, model=None, **kwargs):
+    model = model or tiny_model(step)
+    return save_checkpoint(stage_dir, step, model.state_dict(), [{"step": step}], meta_for(step), **kwargs)
+
+
+@pytest.fixture
+def stage_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    return checkpoint_dir("base", "d2")
+
+
+def test_round_trip(stage_dir, tmp_path):
+    model = tiny_model()
+    opt = trained_optimizer(model)
+    path = save_checkpoint(stage_dir, 7, model.state_dict(), [opt.state_dict()], meta_for(7))
+    assert path == tmp_path / "checkpoints" / "base" / "d2" / "step_000007"
+    assert (stage_dir / LATEST_FILE).read_text().strip() == "step_000007"
+
+    model_state, optim_state, meta = load_checkpoint(stage_dir)
+    assert model_state.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(model_state[name], tensor)
+    # the optimizer state restores into a fresh optimizer
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(optim_state[0])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    # meta comes back as saved, plus step, world size and the manifest; meta.json is readable
+    assert {k: meta[k] for k in meta_for(7)} == meta_for(7)
+    assert meta["step"] == 7 and meta["world_size"] == 1
+    assert set(meta["files"]) == {"model.pt", "optim_rank0.pt"}
+    assert json.loads((path / "meta.json").read_text())["metrics"] == meta_for(7)["metrics"]
+
+
+def test_latest_is_newest_complete_step(stage_dir):
+    assert latest_step(stage_dir) is None
+    for step in (100, 200, 300):
+        save(stage_dir, step)
+    assert latest_step(stage_dir) == 300
+    # a crash mid-write leaves a temp dir (no meta.json); it is never a candidate
+    tmp = stage_dir / f".tmp_{step_name(400)}"
+    write_checkpoint(tmp, tiny_model().state_dict(), [{}])
+    assert latest_step(stage_dir) == 300
+    # the same for a step dir without meta.json (made by hand or by another tool)
+    write_checkpoint(stage_dir / step_name(500), tiny_model().state_dict(), [{}])
+    with pytest.warns(UserWarning, match="incomplete"):
+        (stage_dir / LATEST_FILE).write_text("step_000500\n")
+        assert latest_step(stage_dir) == 300
+    # LATEST names the last step saved, even when a higher step exists (resumed from an older one)
+    save(stage_dir, 250)
+    assert latest_step(stage_dir) == 250
+    # a crashed save of the same step is cleaned up by the next save
+    save(stage_dir, 400)
+    assert latest_step(stage_dir) == 400 and not tmp.exists()
+
+
+def test_truncated_model_file_is_named(stage_dir):
+    path = save(stage_dir, 10)
+    model_file = path / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated") as info:
+        load_checkpoint(stage_dir, step=10)
+    assert str(model_file) in str(info.value) and "--step N" in str(info.value)
+
+
+def test_corrupt_latest_falls_back_to_previous_good_step(stage_dir):
+    save(stage_dir, 1)
+    path = save(stage_dir, 2)
+    data = bytearray((path / "optim_rank0.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    (path / "optim_rank0.pt").write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="sha256"):
+        assert latest_step(stage_dir) == 1
+    with pytest.warns(UserWarning):
+        _, optim_state, meta = load_checkpoint(stage_dir)
+    assert meta["step"] == 1 and optim_state == [{"step": 1}]
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(stage_dir, step=2)
+
+
+def test_model_from_checkpoint_gives_identical_logits(stage_dir):
+    model = tiny_model()
+    idx = torch.randint(0, TINY.vocab_size, (2, 16))
+    # keys as torch.compile writes them
+    compiled_state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    save_checkpoint(stage_dir, 5, compiled_state, None, meta_for(5))
+    loaded, meta = build_model_from_checkpoint("base", "d2")
+    assert meta["step"] == 5 and loaded.config == TINY
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+    # saved without optimizer state: asking for it says so
+    with pytest.raises(CheckpointError, match="without the optimizer"):
+        load_checkpoint(stage_dir, load_optimizer=True)
+
+
+def test_optimizer_shards_per_rank(stage_dir):
+    world_size = 2
+    model = tiny_model()
+    barrier = threading.Barrier(world_size)
+    errors = []
+
+    def rank_main(rank):
+        try:
+            save_checkpoint(stage_dir, 3, model.state_dict() if rank == 0 else None, [{"rank": rank}],
+                            meta_for(3) if rank == 0 else None, rank=rank, world_size=world_size,
+                            barrier=barrier.wait)
+        except BaseException as e:  # surface errors from the thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for rank in range(world_size):
+        _, optim_state, meta = load_checkpoint(stage_dir, rank=rank)
+        assert optim_state == [{"rank": rank}]
+    assert meta["world_size"] == 2 and set(meta["files"]) == {"model.pt", "optim_rank0.pt", "optim_rank1.pt"}
+    with pytest.raises(CheckpointError, match="same number of ranks"):
+        load_checkpoint(stage_dir, rank=2)
+    # model only: fine with any number of ranks
+    assert load_checkpoint(stage_dir, rank=2, load_optimizer=False)[1] is None
+    with pytest.raises(ValueError, match="barrier"):
+        save(stage_dir, 4, rank=0, world_size=2)
+
+
+def test_any_directory_then_install(stage_dir, tmp_path):
+    # what a Ray Train worker does: write into its own dir, finalize, later install as a step
+    model = tiny_model()
+    out = tmp_path / "ray_checkpoint"
+    write_checkpoint(out, model.state_dict(), [{"lr": 0.1}])
+    with pytest.raises(ValueError, match="step"):
+        finalize_checkpoint(out, meta_for(9))
+    finalize_checkpoint(out, {**meta_for(9), "step": 9})
+    assert read_checkpoint(out)[1] == [{"lr": 0.1}]
+    # a missing shard is caught at finalize
+    write_checkpoint(tmp_path / "bad", model.state_dict(), [{}])
+    with pytest.raises(CheckpointError, match="optim_rank1"):
+        finalize_checkpoint(tmp_path / "bad", {"step": 1}, world_size=2)
+
+    save(stage_dir, 9)  # installing over an existing step replaces it
+    assert install_checkpoint(out, stage_dir) == stage_dir / step_name(9)
+    assert latest_step(stage_dir) == 9
+    assert load_checkpoint(stage_dir)[1] == [{"lr": 0.1}]
+    assert [p.name for p in stage_dir.iterdir() if p.name.startswith(".")] == []
