@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 
 from nanochat_ray.common import base_dir
-from nanochat_ray.gpt import GPT, GPTConfig
+from nanochat_ray.gpt import GPT, GPTConfig, build_gpt
 
 STAGES = ("base", "mid", "sft", "rl")
 MODEL_FILE = "model.pt"
@@ -85,24 +85,29 @@ def write_checkpoint(directory: str | Path, model_state: dict | None, optim_stat
         _save(optim_state, directory / optim_file(rank))
 
 
-def finalize_checkpoint(directory: str | Path, meta: dict, world_size: int = 1) -> dict:
-    """Rank 0, once every rank's files are in `directory`: hash them and write meta.json last.
+def finalize_checkpoint(directory: str | Path, meta: dict, world_size: int = 1,
+                        other_files: dict | None = None) -> dict:
+    """Rank 0, once every rank's files are written: hash them and write meta.json last.
 
-    `meta` must hold "step"; dataclasses in it (e.g. the model config) are stored as dicts.
-    Returns the meta as written.
+    `other_files` describes ({name: describe_file(path)}) files the other ranks wrote into
+    their own directories, for storage that merges per-rank directories (Ray Train); files
+    in `directory` are hashed here. `meta` must hold "step"; dataclasses in it are stored as
+    dicts. Returns the meta as written.
     """
     directory = Path(directory)
     if "step" not in meta:
         raise ValueError("meta needs a 'step'")
-    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != META_FILE)
-    if MODEL_FILE not in names:
+    files = {p.name: describe_file(p) for p in sorted(directory.iterdir())
+             if p.is_file() and p.name != META_FILE}
+    files.update(other_files or {})
+    if MODEL_FILE not in files:
         raise CheckpointError(f"{directory} has no {MODEL_FILE}: rank 0 must call write_checkpoint first")
-    shards = {n for n in names if n.startswith("optim_rank")}
+    shards = {n for n in files if n.startswith("optim_rank")}
     expected = {optim_file(r) for r in range(world_size)}
     if shards and shards != expected:
         raise CheckpointError(f"{directory} holds optimizer files {sorted(shards)}, but {world_size} "
                               f"ranks should have written {sorted(expected)}")
-    meta = {**meta, "world_size": world_size, "files": {n: _describe(directory / n) for n in names}}
+    meta = {**meta, "world_size": world_size, "files": files}
     _write_atomic(directory / META_FILE, json.dumps(meta, indent=2, default=_to_json).encode())
     _fsync(directory)
     return meta
@@ -164,7 +169,12 @@ def _publish(tmp: Path, stage_dir: Path, step: int) -> None:
     else:
         os.rename(tmp, final)
     _fsync(stage_dir)
-    _write_atomic(stage_dir / LATEST_FILE, f"{final.name}\n".encode())
+    mark_latest(stage_dir, step)
+
+
+def mark_latest(stage_dir: str | Path, step: int) -> None:
+    """Point LATEST at a step whose files are complete (callers check; latest_step re-verifies)."""
+    _write_atomic(Path(stage_dir) / LATEST_FILE, f"{step_name(step)}\n".encode())
 
 
 def _save(obj: Any, path: Path) -> None:
@@ -203,7 +213,8 @@ def _to_json(obj: Any) -> Any:
 # verifying and reading
 
 
-def _describe(path: Path) -> dict:
+def describe_file(path: Path) -> dict:
+    """Size and sha256 of one file, as meta.json's manifest records it."""
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -240,7 +251,7 @@ def verify_checkpoint(directory: str | Path) -> dict:
         if size != expected["bytes"]:
             raise CheckpointError(f"{path} is {size} bytes but {expected['bytes']} were saved "
                                   f"(truncated or overwritten). " + _fix(directory))
-        if _describe(path)["sha256"] != expected["sha256"]:
+        if describe_file(path)["sha256"] != expected["sha256"]:
             raise CheckpointError(f"{path} is corrupt (its sha256 differs from the saved one). "
                                   + _fix(directory))
     return meta
@@ -320,9 +331,6 @@ def build_model_from_checkpoint(stage: str, model_tag: str, step: int | None = N
                                            load_optimizer=False)
     # a torch.compile'd model's state_dict prefixes every key with `_orig_mod.`
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**meta["model_config"]))
-    model.to_empty(device=device)
-    model.init_weights()  # rebuilds the rotary tables, which the state_dict does not hold
+    model = build_gpt(GPTConfig(**meta["model_config"]), device)  # rotary tables are not in the state_dict
     model.load_state_dict(model_state, strict=True, assign=True)
     return model, meta

@@ -1,6 +1,7 @@
 """Small helpers shared by every stage: the artifact root, rank-0 printing, device choice."""
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -50,3 +51,25 @@ def maybe_compile(model: torch.nn.Module, setting: str, device: torch.device) ->
         # shapes are fixed during training, so no dynamic-shape guards are needed
         return torch.compile(model, dynamic=False)
     return model
+
+
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM, the reference's MFU denominator
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of a square matmul: the best this device does on dense math."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The MFU denominator: the H100 bf16 peak on CUDA (as the reference), measured on CPU."""
+    return H100_BF16_PEAK if device.type == "cuda" else matmul_peak(device, dtype)

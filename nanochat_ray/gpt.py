@@ -239,3 +239,12 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+
+def build_gpt(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
+    """A freshly initialised GPT: built on the meta device (no wasted init), then materialised."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

@@ -12,17 +12,14 @@ from nanochat_ray.checkpoint import (
     install_checkpoint, latest_step, load_checkpoint, read_checkpoint, save_checkpoint, step_name,
     write_checkpoint,
 )
-from nanochat_ray.gpt import GPT, GPTConfig
+from nanochat_ray.gpt import GPT, GPTConfig, build_gpt
 
 TINY = GPTConfig(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
 
 
 def tiny_model(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(TINY)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = build_gpt(TINY)
     # init zeroes the output projections; perturb them so the logits depend on every weight
     with torch.no_grad():
         for p in model.parameters():

@@ -2,18 +2,14 @@
 
 import torch
 
-from nanochat_ray.gpt import GPT, GPTConfig, KVCache
+from nanochat_ray.gpt import GPT, GPTConfig, KVCache, build_gpt
 
 TINY = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
 
 def build(config: GPTConfig, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
+    return build_gpt(config)
 
 
 def randomize(model: GPT) -> GPT:

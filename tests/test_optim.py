@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanochat_ray.gpt import GPT, GPTConfig
+from nanochat_ray.gpt import GPT, GPTConfig, build_gpt
 from nanochat_ray.optim import (DistAdamW, DistMuon, build_optimizers, muon_momentum,
                                 orthogonalize, set_muon_momentum)
 
@@ -22,10 +22,7 @@ TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head
 
 def tiny_gpt(seed: int = 0, all_random: bool = False) -> GPT:
     torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(TINY)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = build_gpt(TINY)
     if all_random:
         # the real init zeroes lm_head and every c_proj, so most matrices get no gradient in the
         # first steps; random weights make every matrix move from step 1
