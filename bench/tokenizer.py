@@ -1,0 +1,131 @@
+"""Tokenizer benchmark against SPEC §14: training time and compression (UTF-8 bytes per token).
+
+Trains the 65,536-token vocabulary on every pretrain_text shard but the last (docs cut to
+10,000 chars), then measures bytes/token on the last (validation) shard, on a training slice
+and on a few fixed sample texts. GPT-2 / GPT-4 columns appear only when tiktoken is installed
+and has its encodings cached; it is not a dependency.
+
+    python bench/tokenizer.py [--data-root ../shared/data] [--repeats 3]
+"""
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from nanochat_ray.tokenizer import Tokenizer
+
+SPEC_SECONDS, SPEC_BYTES_PER_TOKEN = 1.6, 4.68  # the reference's figures, SPEC §14
+
+# fixed samples of several kinds, written for this benchmark
+SAMPLES = {
+    "prose": (
+        "The council met on Tuesday evening to discuss the new bridge. Residents who live near the "
+        "river said the old crossing floods every spring, and farmers complained that the detour adds "
+        "forty minutes to each trip to the market. The mayor promised a decision before the end of the year."
+    ),
+    "code": (
+        "def moving_average(values: list[float], window: int) -> list[float]:\n"
+        "    \"\"\"Mean of each run of `window` consecutive values.\"\"\"\n"
+        "    if window <= 0:\n"
+        "        raise ValueError(f\"window must be positive, got {window}\")\n"
+        "    total = sum(values[:window])\n"
+        "    out = [total / window]\n"
+        "    for i in range(window, len(values)):\n"
+        "        total += values[i] - values[i - window]\n"
+        "        out.append(total / window)\n"
+        "    return out\n"
+    ),
+    "math": (
+        r"For $x \in \mathbb{R}$ the Gaussian integral gives $\int_{-\infty}^{\infty} e^{-x^2}\,dx = \sqrt{\pi}$, "
+        r"hence $\frac{1}{\sigma\sqrt{2\pi}} \int e^{-(x-\mu)^2 / 2\sigma^2} dx = 1$ and "
+        r"$\mathbb{E}[X^2] = \mu^2 + \sigma^2$ for $X \sim \mathcal{N}(\mu, \sigma^2)$."
+    ),
+    "science": (
+        "Photosynthesis converts carbon dioxide and water into glucose and oxygen using light energy. "
+        "In the light-dependent reactions, chlorophyll absorbs photons at 430 nm and 662 nm, splitting "
+        "water and producing ATP and NADPH, which the Calvin cycle then uses to fix CO2."
+    ),
+    "korean": (
+        "서울은 대한민국의 수도이며 한강을 끼고 있는 대도시이다. 조선 시대부터 정치와 문화의 중심지였고, "
+        "오늘날에는 약 천만 명의 시민이 살고 있다. 봄에는 벚꽃이 피고 가을에는 단풍이 아름답다."
+    ),
+}
+
+
+def bytes_per_token(texts: list[str], encode) -> float:
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(ids) for ids in encode(texts))
+    return n_bytes / n_tokens
+
+
+def reference_encoders() -> dict:
+    """GPT-2 and GPT-4 tokenizers via tiktoken, where installed and cached (no downloads needed)."""
+    try:
+        import tiktoken
+    except ImportError:
+        return {}
+    encoders = {}
+    for label, name in (("gpt2", "gpt2"), ("gpt4", "cl100k_base")):
+        try:
+            enc = tiktoken.get_encoding(name)
+        except Exception:  # not cached and offline: skip this column
+            continue
+        encoders[label] = lambda texts, enc=enc: enc.encode_ordinary_batch(texts)
+    return encoders
+
+
+def main() -> None:
+    # the datasets sit beside the repository (../shared/data); NANOCHAT_DATA moves them
+    repo_root = Path(__file__).resolve().parents[1]
+    default_root = Path(os.environ.get("NANOCHAT_DATA", repo_root.parent / "shared" / "data"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, default=default_root)
+    parser.add_argument("--vocab-size", type=int, default=65_536)
+    parser.add_argument("--doc-cap", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3, help="training runs; the median time is reported")
+    args = parser.parse_args()
+
+    shards = sorted((args.data_root / "pretrain_text").glob("shard_*.parquet"))
+    if len(shards) < 2:
+        raise SystemExit(f"need at least 2 shards under {args.data_root / 'pretrain_text'}, found {len(shards)}")
+    train_texts = [t for s in shards[:-1] for t in pq.read_table(s, columns=["text"]).column("text").to_pylist()]
+    val_texts = pq.read_table(shards[-1], columns=["text"]).column("text").to_pylist()
+    print(f"train: {len(shards) - 1} shards, {len(train_texts):,} docs, {sum(map(len, train_texts)):,} chars")
+    print(f"val:   {shards[-1].name}, {len(val_texts):,} docs, {sum(map(len, val_texts)):,} chars")
+
+    seconds = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        tok = Tokenizer.train_from_iterator(train_texts, args.vocab_size, doc_cap=args.doc_cap)
+        seconds.append(time.perf_counter() - t0)
+    train_s = statistics.median(seconds)
+    print(f"training, vocab {tok.vocab_size:,}: median {train_s:.2f} s over {args.repeats} runs "
+          f"({', '.join(f'{s:.2f}' for s in seconds)}); SPEC §14 reference ~{SPEC_SECONDS} s")
+
+    t0 = time.perf_counter()
+    val_ratio = bytes_per_token(val_texts, tok.encode)
+    encode_s = time.perf_counter() - t0
+    val_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
+    print(f"compression on {shards[-1].name}: {val_ratio:.3f} bytes/token "
+          f"({100 * (val_ratio / SPEC_BYTES_PER_TOKEN - 1):+.2f}% vs reference {SPEC_BYTES_PER_TOKEN}); "
+          f"encoded {val_bytes / encode_s / 1e6:.1f} MB/s")
+
+    # compression table: our tokenizer, and the references where available
+    others = reference_encoders()
+    rows = {"train slice": train_texts[:500], "val shard": val_texts} | {k: [v] for k, v in SAMPLES.items()}
+    header = f"{'text':<12} {'bytes':>10} {'ours':>7}" + "".join(f" {label:>7}" for label in others)
+    print("\nbytes/token\n" + header + "\n" + "-" * len(header))
+    for name, texts in rows.items():
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        cells = [bytes_per_token(texts, tok.encode)] + [bytes_per_token(texts, enc) for enc in others.values()]
+        print(f"{name:<12} {n_bytes:>10,}" + "".join(f" {c:>7.2f}" for c in cells))
+    if not others:
+        print("(GPT-2 / GPT-4 columns skipped: tiktoken is not installed)")
+
+
+if __name__ == "__main__":
+    main()
