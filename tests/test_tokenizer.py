@@ -65,11 +65,11 @@ def test_save_load_round_trip(tok, tmp_path):
 
 
 def test_missing_files_name_the_fix(tok, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json.*jobs\.tokenizer"):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json.*jobs/tokenizer\.py"):
         Tokenizer.from_directory(tmp_path)
     tok.save(tmp_path)
     (tmp_path / "token_bytes.pt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"token_bytes\.pt.*jobs\.tokenizer"):
+    with pytest.raises(FileNotFoundError, match=r"token_bytes\.pt.*jobs/tokenizer\.py"):
         Tokenizer.from_directory(tmp_path)
 
 
