@@ -73,3 +73,17 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """The MFU denominator: the H100 bf16 peak on CUDA (as the reference), measured on CPU."""
     return H100_BF16_PEAK if device.type == "cuda" else matmul_peak(device, dtype)
+
+
+def init_ray() -> None:
+    """Join the running cluster (the one `ray job submit` runs us on, or `ray start`), else start
+    a local Ray. Workers get the same artifact root as this driver.
+    """
+    import ray  # only the Ray edges call this; the core never imports ray
+
+    if ray.is_initialized():  # called from the speedrun or a test
+        return
+    # Under `ray job submit` the job's runtime_env already carries the environment, and Ray
+    # refuses a second setting of the same variable.
+    under_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray's job manager
+    ray.init(runtime_env=None if under_job else {"env_vars": {"NANOCHAT_BASE_DIR": str(base_dir())}})

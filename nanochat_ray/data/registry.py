@@ -115,7 +115,8 @@ def shard_url(index: int) -> str:
 def mirror_root(data_root: str | Path | None = None) -> Path | None:
     """The local mirror: `data_root`, else $NANOCHAT_DATA, else None."""
     root = data_root or os.environ.get("NANOCHAT_DATA")
-    return Path(root) if root else None
+    # absolute: Ray workers and tasks run in other working directories
+    return Path(root).resolve() if root else None
 
 
 def cache_dir(dataset: str) -> Path:

@@ -1,0 +1,152 @@
+"""
+The pretraining loop of one worker, plain PyTorch: no Ray in here.
+
+    run(cfg, model, optimizers, batches, hooks, state, num_iterations)
+
+`batches(step)` returns this worker's rows for a step and the data position after it;
+`hooks` report metrics and save checkpoints. The Ray Train worker (train/pretrain.py) and
+the tests plug in their own, so the same loop runs under TorchTrainer and in one process.
+Gradients are synced by the distributed optimizers (optim.py), not by a DDP wrapper.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanochat_ray.common import autocast, compute_dtype, print0
+from nanochat_ray.config import Config
+from nanochat_ray.gpt import GPT
+from nanochat_ray.optim import set_muon_momentum
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
+
+
+@dataclass
+class TrainState:
+    """What a resume needs besides weights and optimizer state."""
+    step: int = 0  # optimizer steps done
+    data_position: dict = field(default_factory=lambda: {"epoch": 0, "item": 0, "row": 0})
+    loss_ema: float = 0.0  # raw EMA; de-biased when logged
+    train_seconds: float = 0.0  # time inside steps, excluding evals and checkpoints
+
+
+# batches(step) asks for a step's rows and returns a function that waits for them:
+# () -> (rows (accum·B, T+1), data position after the step)
+Batches = Callable[[int], Callable[[], tuple[np.ndarray, dict]]]
+# report(metrics, state, save): called once per step on every worker, the same number of times
+Report = Callable[[dict, TrainState, bool], None]
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def to_batch(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) token rows → inputs (B, T) and targets (B, T), int64 on the device."""
+    rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    if device.type == "cuda":
+        rows = rows.pin_memory().to(device, non_blocking=True)  # overlaps the copy with compute
+    return rows[:, :-1], rows[:, 1:]
+
+
+def mean_over_workers(value: torch.Tensor) -> float:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)  # SUM: gloo has no AVG
+        value = value / dist.get_world_size()
+    return value.item()  # a CPU↔GPU sync point, once per step
+
+
+def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batches: Batches,
+        report: Report, state: TrainState, num_iterations: int, peak_flops: float,
+        step_model: torch.nn.Module | None = None, evaluate: Callable[[], dict] | None = None,
+        sample: Callable[[], dict] | None = None) -> TrainState:
+    """Train from state.step to num_iterations; returns the final state.
+
+    `step_model` is what the forward calls (e.g. the compiled model); `model` owns the weights.
+    `peak_flops` is one worker's peak, for MFU. `evaluate` (val bpb) and `sample` run every
+    cfg.eval_every / cfg.sample_every steps and at the end; their dicts join the metrics.
+    """
+    _, world_size = world()
+    device = next(model.parameters()).device
+    ctx = autocast(device, compute_dtype(cfg.dtype, device))
+    step_model = step_model or model
+    accum, micro_rows = cfg.grad_accum_steps(world_size), cfg.device_batch_size
+    flops_per_token = model.estimate_flops()
+    ema_beta = 0.9
+    first_step, run_start = state.step, time.perf_counter()
+
+    model.train()
+    pending = batches(state.step)
+    while state.step < num_iterations:
+        step = state.step
+        start = time.perf_counter()
+        multiplier = cfg.lr_multiplier(step, num_iterations)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * multiplier
+        set_muon_momentum(optimizers[1], step)
+
+        rows, position = pending()  # blocks only when the data pipeline is behind
+        waited = time.perf_counter() - start
+        if step + 1 < num_iterations:
+            pending = batches(step + 1)  # the next rows arrive while this step computes
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            inputs, targets = to_batch(rows[micro * micro_rows:(micro + 1) * micro_rows], device)
+            with ctx:
+                loss = step_model(inputs, targets=targets)
+            loss_sum += loss.detach()
+            (loss / accum).backward()  # the mean over the total batch, whatever the accumulation
+        metrics = {}
+        if cfg.grad_clip > 0:
+            # on each worker's own gradients, before the optimizers average them (as the reference)
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        loss_value = mean_over_workers(loss_sum / accum)
+        step_seconds = time.perf_counter() - start
+
+        state.step += 1
+        state.data_position = position
+        state.train_seconds += step_seconds
+        state.loss_ema = ema_beta * state.loss_ema + (1 - ema_beta) * loss_value
+        tokens_per_second = cfg.total_batch_size / step_seconds
+        metrics.update({
+            "step": state.step, "loss": loss_value,
+            "loss_ema": state.loss_ema / (1 - ema_beta ** state.step),  # de-biased
+            "lr_multiplier": multiplier, "step_seconds": step_seconds,
+            "tokens_per_second": tokens_per_second,
+            "mfu": tokens_per_second * flops_per_token / (peak_flops * world_size),
+            "data_wait_fraction": waited / step_seconds, "train_seconds": state.train_seconds,
+        })
+        last = state.step == num_iterations
+        for every, extra in ((cfg.eval_every, evaluate), (cfg.sample_every, sample)):
+            if extra is not None and every > 0 and (state.step % every == 0 or last):
+                model.eval()
+                metrics.update(extra())
+                model.train()
+        eta = (num_iterations - state.step) * (time.perf_counter() - run_start) / (state.step - first_step)
+        print0(f"step {state.step:05d}/{num_iterations} | loss {metrics['loss_ema']:.4f} | lrm {multiplier:.2f} | "
+               f"{step_seconds * 1000:.0f} ms | {tokens_per_second:,.0f} tok/s | mfu {100 * metrics['mfu']:.1f}% | "
+               f"data wait {100 * metrics['data_wait_fraction']:.1f}% | eta {eta / 60:.1f} min"
+               + (f" | val bpb {metrics['val_bpb']:.4f}" if "val_bpb" in metrics else ""))
+        report(metrics, state, last or (cfg.save_every > 0 and state.step % cfg.save_every == 0))
+    return state
+
+
+@torch.no_grad()
+def sample_greedy(model: GPT, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy continuation without a KV cache: only for the few fixed-prompt samples."""
+    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
+    for _ in range(max_tokens):
+        next_id = model(ids[:, -model.config.sequence_len:])[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+    return ids[0, len(prompt_ids):].tolist()
