@@ -14,11 +14,17 @@ reference's reduce-scatter + all-gather. Gloo and NCCL have both supported these
 for a long time, which is not true of reduce-scatter on gloo. Uneven row slices need no padding.
 In one process (or world size 1) all of this turns into plain Muon / AdamW updates.
 
-step() uses up the gradients: on a non-owning rank, gloo's reduce may leave partial sums in
+Gradient clipping must see the norm of the *averaged* gradient, or 1 worker and N workers would
+clip differently. step_optimizers() splits the step in three: every optimizer starts reducing
+its gradients onto their owners, the owners sum the squares of what they own (one scalar
+all-reduce gives the global norm), then every optimizer applies its clipped update.
+
+A step uses up the gradients: on a non-owning rank, gloo's reduce may leave partial sums in
 p.grad. Optimizer state is per rank, so a checkpoint saves one optimizer file per rank and must
 be resumed with the same world size.
 
-    adamw, muon = build_optimizers(model)
+    optimizers = build_optimizers(model)
+    grad_norm = step_optimizers(optimizers, max_grad_norm=1.0)
 """
 
 import torch
@@ -64,8 +70,91 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
     return x.mT if tall else x
 
 
-class DistMuon(torch.optim.Optimizer):
-    """SGD-momentum (Nesterov), then orthogonalise the update, for 2-D weight matrices."""
+class ShardedOptimizer(torch.optim.Optimizer):
+    """Owner-computes optimizer: each piece of each parameter has one owning rank, which receives
+    the averaged gradient, updates the piece and broadcasts it. Subclasses say how parameters
+    split into pieces and how one piece is updated."""
+
+    def _pieces(self, p: torch.Tensor, index: int, world: int) -> list[tuple[slice, int]]:
+        """(row slice, owner) for each piece of parameter number `index`."""
+        raise NotImplementedError
+
+    def _update(self, p: torch.Tensor, piece: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    def _plan(self) -> list[tuple[torch.Tensor, slice, int, dict]]:
+        rank, world = _rank_world()
+        plan = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            plan += [(p, rows, owner, group) for i, p in enumerate(params)
+                     for rows, owner in self._pieces(p, i, world)]
+        return plan
+
+    @torch.no_grad()
+    def reduce_grads(self) -> None:
+        """Start summing every gradient piece onto its owner (asynchronously)."""
+        rank, world = _rank_world()
+        self._pending = [(p, rows, owner, group,
+                          dist.reduce(p.grad[rows], dst=owner, async_op=True) if world > 1 else None)
+                         for p, rows, owner, group in self._plan()]
+
+    @torch.no_grad()
+    def owned_grad_sq(self) -> torch.Tensor:
+        """Wait for this rank's pieces, average them; return the sum of their squares."""
+        rank, world = _rank_world()
+        total = torch.zeros((), dtype=torch.float32, device=self.param_groups[0]["params"][0].device)
+        for p, rows, owner, group, work in self._pending:
+            if owner == rank:
+                if work is not None:
+                    work.wait()
+                    p.grad[rows] /= world
+                total += p.grad[rows].float().square().sum()
+        return total
+
+    @torch.no_grad()
+    def apply(self, grad_scale: float | torch.Tensor = 1.0) -> None:
+        """Update the owned pieces with grad · grad_scale, then share every piece from its owner."""
+        rank, world = _rank_world()
+        works = []
+        for p, rows, owner, group, _ in self._pending:
+            if owner == rank:
+                self._update(p, p[rows], p.grad[rows] * grad_scale, group)
+            if world > 1:
+                works.append(dist.broadcast(p[rows], src=owner, async_op=True))
+        for work in works:
+            work.wait()
+        self._pending = []
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.reduce_grads()
+        self.owned_grad_sq()  # waits for and averages this rank's pieces
+        self.apply()
+
+
+def step_optimizers(optimizers: list[ShardedOptimizer], max_grad_norm: float = 0.0) -> float | None:
+    """One step of every optimizer, clipping by the global norm of the averaged gradient when
+    max_grad_norm > 0; returns that norm (None without clipping). Same result on 1 or N ranks."""
+    for opt in optimizers:
+        opt.reduce_grads()  # all reductions in flight before anyone waits
+    squares = sum(opt.owned_grad_sq() for opt in optimizers)
+    if max_grad_norm <= 0:
+        for opt in optimizers:
+            opt.apply()
+        return None
+    if _rank_world()[1] > 1:
+        dist.all_reduce(squares)  # each rank owns a disjoint share: the sum is the global norm²
+    norm = squares.sqrt()
+    scale = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # stays on the device: no sync here
+    for opt in optimizers:
+        opt.apply(scale)
+    return norm.item()
+
+
+class DistMuon(ShardedOptimizer):
+    """SGD-momentum (Nesterov), then orthogonalise the update, for 2-D weight matrices.
+    Whole matrices are owned round-robin."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16):
@@ -76,29 +165,10 @@ class DistMuon(torch.optim.Optimizer):
         assert all(p.ndim == 2 for group in self.param_groups for p in group["params"]), \
             "Muon is for 2-D matrices only"
 
-    @torch.no_grad()
-    def step(self) -> None:
-        rank, world = _rank_world()
-        works = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if world > 1:
-                # start summing every gradient onto its owner; the owner waits for its own
-                # results below while the other reductions are still in flight
-                reduces = [dist.reduce(p.grad, dst=i % world, async_op=True) for i, p in enumerate(params)]
-                works += reduces
-            for i, p in enumerate(params):
-                owner = i % world
-                if owner == rank:
-                    if world > 1:
-                        reduces[i].wait()
-                    self._update(p, p.grad / world if world > 1 else p.grad, group)
-                if world > 1:
-                    works.append(dist.broadcast(p, src=owner, async_op=True))
-        for work in works:
-            work.wait()
+    def _pieces(self, p, index, world):
+        return [(slice(None), index % world)]
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+    def _update(self, p: torch.Tensor, piece: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(grad)
@@ -110,7 +180,7 @@ class DistMuon(torch.optim.Optimizer):
         # measured RMS-in to RMS-out, an orthogonal tall matrix shrinks by sqrt(cols/rows);
         # undo that so tall matrices move their outputs as much as square and wide ones
         scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-        p.add_(g.to(p.dtype), alpha=-group["lr"] * scale)
+        piece.add_(g.to(p.dtype), alpha=-group["lr"] * scale)
 
 
 def muon_momentum(step: int) -> float:
@@ -129,46 +199,19 @@ def set_muon_momentum(muon: DistMuon, step: int) -> None:
 # AdamW
 
 
-class DistAdamW(torch.optim.Optimizer):
-    """AdamW with decoupled weight decay; state sharded by rows across ranks."""
+class DistAdamW(ShardedOptimizer):
+    """AdamW with decoupled weight decay; each rank owns a row slice of every parameter and keeps
+    Adam state for that slice only (ZeRO-2)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.8, 0.95),
                  eps: float = 1e-10, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self) -> None:
-        rank, world = _rank_world()
-        works = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            own_reduces = []  # per parameter: the work that delivers this rank's slice
-            if world > 1:
-                # a hand-made reduce-scatter: each row slice of the gradient is summed onto its owner
-                for p in params:
-                    own = None
-                    for r, (lo, hi) in enumerate(_row_shards(p.size(0), world)):
-                        if hi > lo:
-                            works.append(dist.reduce(p.grad[lo:hi], dst=r, async_op=True))
-                            if r == rank:
-                                own = works[-1]
-                    own_reduces.append(own)
-            for i, p in enumerate(params):
-                shards = _row_shards(p.size(0), world)
-                lo, hi = shards[rank]
-                if hi > lo:
-                    if world > 1:
-                        own_reduces[i].wait()
-                    grad = p.grad[lo:hi] / world if world > 1 else p.grad
-                    self._update(p[lo:hi], grad, self.state[p], group)
-                if world > 1:
-                    works += [dist.broadcast(p[slo:shi], src=r, async_op=True)
-                              for r, (slo, shi) in enumerate(shards) if shi > slo]
-        for work in works:
-            work.wait()
+    def _pieces(self, p, index, world):
+        return [(slice(lo, hi), r) for r, (lo, hi) in enumerate(_row_shards(p.size(0), world)) if hi > lo]
 
-    @staticmethod
-    def _update(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+    def _update(self, p: torch.Tensor, piece: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
         if not state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(grad)
@@ -180,8 +223,8 @@ class DistAdamW(torch.optim.Optimizer):
         bias1 = 1 - beta1 ** state["step"]
         bias2 = 1 - beta2 ** state["step"]
         denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+        piece.mul_(1 - group["lr"] * group["weight_decay"])
+        piece.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
 
 
 # -----------------------------------------------------------------------------

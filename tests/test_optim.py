@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from nanochat_ray.gpt import GPT, GPTConfig, build_gpt
 from nanochat_ray.optim import (DistAdamW, DistMuon, build_optimizers, muon_momentum,
-                                orthogonalize, set_muon_momentum)
+                                orthogonalize, set_muon_momentum, step_optimizers)
 
 TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
 
@@ -134,6 +134,7 @@ def test_state_dict_round_trip():
 # 2 gloo processes, half a batch each, vs 1 process with the whole batch
 
 STEPS = 3
+CLIP = 0.5  # small enough to clip every step: clipping must use the norm of the averaged gradient
 
 
 def _free_port() -> int:
@@ -148,7 +149,7 @@ def _run(model: GPT, x: torch.Tensor, y: torch.Tensor, ns_dtype: torch.dtype) ->
     optimizers = build_optimizers(model)
     optimizers[1].param_groups[0]["ns_dtype"] = ns_dtype
     world = dist.get_world_size() if dist.is_initialized() else 1
-    losses, first_grads = [], None
+    losses, norms, first_grads = [], [], None
     for step in range(STEPS):
         loss = model(x, y)  # mean over this rank's rows
         loss.backward()
@@ -156,15 +157,14 @@ def _run(model: GPT, x: torch.Tensor, y: torch.Tensor, ns_dtype: torch.dtype) ->
         if step == 0:
             first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         set_muon_momentum(optimizers[1], step)
-        for opt in optimizers:
-            opt.step()
+        norms.append(step_optimizers(optimizers, max_grad_norm=CLIP))
         model.zero_grad(set_to_none=True)
     if world > 1:
         for t in losses + list(first_grads.values()):
             dist.all_reduce(t)
             t /= world
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"losses": torch.stack(losses), "grads": first_grads, "params": params}
+    return {"losses": torch.stack(losses), "norms": torch.tensor(norms), "grads": first_grads, "params": params}
 
 
 def _runs(init_state: dict, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict:
@@ -205,6 +205,9 @@ def test_two_process_gloo_matches_single_process(tmp_path):
             assert torch.equal(ranks[0][ns_dtype]["params"][name], ranks[1][ns_dtype]["params"][name]), name
     # the mean of the half-batch losses and gradients is the full-batch one, up to fp32 rounding
     fp32_single, fp32_dist = single[torch.float32], ranks[0][torch.float32]
+    assert (fp32_single["norms"] > CLIP).all(), "the test must exercise clipping"
+    for r in range(2):  # every rank sees the global norm of the averaged gradient
+        torch.testing.assert_close(ranks[r][torch.float32]["norms"], fp32_single["norms"], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(fp32_dist["losses"], fp32_single["losses"], atol=1e-6, rtol=1e-6)
     for name, g in fp32_single["grads"].items():
         torch.testing.assert_close(fp32_dist["grads"][name], g, atol=1e-7, rtol=1e-4)
@@ -216,3 +219,21 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     # loss curve instead: it agrees to ~6e-7 relative
     torch.testing.assert_close(ranks[0][torch.bfloat16]["losses"], single[torch.bfloat16]["losses"],
                                atol=0, rtol=1e-5)
+
+
+def test_step_optimizers_clips_like_torch_in_one_process():
+    x, y = fixed_batch()
+    ours, theirs = tiny_gpt(all_random=True), tiny_gpt(all_random=True)
+    for model in (ours, theirs):
+        model(x, y).backward()
+    def fp32_optimizers(model):  # bf16 Newton–Schulz would turn the scaling into ulp noise
+        optimizers = build_optimizers(model)
+        optimizers[1].param_groups[0]["ns_dtype"] = torch.float32
+        return optimizers
+
+    expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.1).item()
+    for opt in fp32_optimizers(theirs):
+        opt.step()
+    assert step_optimizers(fp32_optimizers(ours), max_grad_norm=0.1) == pytest.approx(expected, rel=1e-5)
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from nanochat_ray.common import autocast, compute_dtype, print0
 from nanochat_ray.config import Config
 from nanochat_ray.gpt import GPT
-from nanochat_ray.optim import set_muon_momentum
+from nanochat_ray.optim import set_muon_momentum, step_optimizers
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
@@ -104,12 +104,8 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
                 loss = step_model(inputs, targets=targets)
             loss_sum += loss.detach()
             (loss / accum).backward()  # the mean over the total batch, whatever the accumulation
-        metrics = {}
-        if cfg.grad_clip > 0:
-            # on each worker's own gradients, before the optimizers average them (as the reference)
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        for opt in optimizers:
-            opt.step()
+        # clips by the norm of the gradient averaged over workers, so 1 and N workers agree
+        grad_norm = step_optimizers(optimizers, cfg.grad_clip)
         model.zero_grad(set_to_none=True)
         loss_value = mean_over_workers(loss_sum / accum)
         step_seconds = time.perf_counter() - start
@@ -119,14 +115,14 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
         state.train_seconds += step_seconds
         state.loss_ema = ema_beta * state.loss_ema + (1 - ema_beta) * loss_value
         tokens_per_second = cfg.total_batch_size / step_seconds
-        metrics.update({
+        metrics = {
             "step": state.step, "loss": loss_value,
             "loss_ema": state.loss_ema / (1 - ema_beta ** state.step),  # de-biased
             "lr_multiplier": multiplier, "step_seconds": step_seconds,
             "tokens_per_second": tokens_per_second,
             "mfu": tokens_per_second * flops_per_token / (peak_flops * world_size),
             "data_wait_fraction": waited / step_seconds, "train_seconds": state.train_seconds,
-        })
+        } | ({"grad_norm": grad_norm} if grad_norm is not None else {})
         last = state.step == num_iterations
         for every, extra in ((cfg.eval_every, evaluate), (cfg.sample_every, sample)):
             if extra is not None and every > 0 and (state.step % every == 0 or last):
