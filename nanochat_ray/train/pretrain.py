@@ -14,6 +14,7 @@ in the format of checkpoint.py, so every later stage loads them without Ray.
 """
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -33,7 +34,7 @@ from nanochat_ray.checkpoint import (checkpoint_dir, describe_file, finalize_che
                                      mark_latest, read_checkpoint, step_name, write_checkpoint)
 from nanochat_ray.common import autocast, compute_dtype, init_ray, maybe_compile, peak_flops, print0
 from nanochat_ray.config import Config, ConfigError, validate
-from nanochat_ray.data.pipeline import BatchFeeder
+from nanochat_ray.data.pipeline import BatchFeeder, row_groups
 from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.gpt import GPT, build_gpt
 from nanochat_ray.optim import build_optimizers
@@ -41,6 +42,7 @@ from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.train.loop import SAMPLE_PROMPTS, TrainState, run, sample_greedy, to_batch
 
 STAGE = "base"
+METRICS_LOG = "metrics.jsonl"  # one line per step, appended by rank 0 (a resumed step appears again)
 METRICS = ("loss_ema", "tokens_per_second", "mfu", "data_wait_fraction", "step", "val_bpb")
 
 
@@ -151,6 +153,9 @@ def train_worker(loop_config: dict) -> None:
 
     def report(metrics: dict, state: TrainState, save: bool) -> None:
         logger.log(metrics, step=state.step)
+        if rank == 0:  # the run's history, for the report card and for comparing runs
+            with open(stage_dir / METRICS_LOG, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
         for name, gauge in gauges.items():
             if name in metrics:
                 gauge.set(metrics[name], tags={"model": cfg.model_tag})
@@ -199,7 +204,7 @@ def save_and_report(metrics: dict, meta: dict, model: GPT, optimizers: list, ran
 def pretrain(cfg: Config, *, num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
              train_shards: list[Path], val_shard: Path, tokenizer_dir: Path, resume: bool = False,
              fresh: bool = False, max_failures: int = 2, data_actors: int = 1, data_actor_cpus: float = 0.5,
-             fail_at_step: int | None = None) -> dict:
+             artifact_root: Path | None = None, fail_at_step: int | None = None) -> dict:
     """Run base pretraining with Ray Train; returns the final metrics and checkpoint path.
 
     Config errors are raised before Ray starts (a local Ray is started when none is running).
@@ -209,7 +214,8 @@ def pretrain(cfg: Config, *, num_workers: int = 1, use_gpu: bool = False, cpus_p
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ConfigError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens but vocab_size is "
                           f"{cfg.vocab_size}: pass --vocab-size {tokenizer.vocab_size}, or retrain the tokenizer")
-    stage_dir = checkpoint_dir(STAGE, cfg.model_tag)
+    row_groups(train_shards + [val_shard])  # a missing or corrupt shard fails here, by name
+    stage_dir = checkpoint_dir(STAGE, cfg.model_tag, artifact_root)
     if latest_step(stage_dir) is not None and not resume:
         if not fresh:
             raise ConfigError(f"{stage_dir} already holds a {cfg.model_tag} run: pass --resume to continue it, "
@@ -217,6 +223,7 @@ def pretrain(cfg: Config, *, num_workers: int = 1, use_gpu: bool = False, cpus_p
         aside = stage_dir.with_name(f"{stage_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(stage_dir, aside)
         print(f"moved the previous run aside to {aside}")
+    stage_dir.mkdir(parents=True, exist_ok=True)
 
     init_ray()
     feeder = BatchFeeder.remote([str(p) for p in train_shards], str(tokenizer_dir), cfg.seq_len,

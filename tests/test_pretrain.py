@@ -1,0 +1,109 @@
+"""Pretraining on Ray Train (smoke preset, CPU workers over gloo): equivalence, resume, failures."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat_ray.checkpoint import checkpoint_dir, latest_step, load_checkpoint
+from nanochat_ray.config import ConfigError, make_config
+from nanochat_ray.train.pretrain import METRICS_LOG, pretrain
+
+STEPS = 8  # smoke preset: checkpoints at steps 4 and 8
+
+
+def losses(root: Path, model_tag: str = "d2") -> dict[int, float]:
+    """step -> loss; a step run again after a restart keeps its last value."""
+    lines = (checkpoint_dir("base", model_tag, root) / METRICS_LOG).read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def shards(data_root):
+    pretrain_text = sorted((data_root / "pretrain_text").glob("shard_*.parquet"))
+    return pretrain_text[:1], pretrain_text[-1]  # one train shard is plenty for a few steps
+
+
+@pytest.fixture(scope="module")
+def run(ray_cluster, shards, smoke_tokenizer_dir, tmp_path_factory):
+    """run(name, **options) trains the smoke model under its own artifact root."""
+    def run(name: str, **options) -> Path:
+        root = tmp_path_factory.mktemp(name) if "artifact_root" not in options else options.pop("artifact_root")
+        cfg = make_config("smoke", **options.pop("config", {}))
+        pretrain(cfg, train_shards=shards[0], val_shard=shards[1], tokenizer_dir=smoke_tokenizer_dir,
+                 artifact_root=root, data_actor_cpus=0.0, **options)
+        return root
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_worker(run) -> Path:
+    return run("one_worker", num_workers=1)
+
+
+def test_one_worker_trains_and_checkpoints(one_worker):
+    curve = losses(one_worker)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert curve[1] == pytest.approx(torch.log(torch.tensor(1024.0)).item(), abs=1e-4)  # zero lm_head
+    assert curve[STEPS] < curve[1] - 0.5, curve  # it learns
+    stage = checkpoint_dir("base", "d2", one_worker)
+    assert latest_step(stage) == STEPS
+    _, _, meta = load_checkpoint(stage, load_optimizer=False)
+    assert meta["train_state"]["step"] == STEPS and meta["metrics"]["val_bpb"] > 0
+    assert meta["train_state"]["data_position"]["row"] > 0
+
+
+def test_two_workers_match_one_worker(run, one_worker):
+    # same total batch and seed: 1 worker accumulates 2 micro-batches, 2 workers take one each.
+    # Muon's bf16 Newton–Schulz turns fp32 summation-order noise into bf16 ulps, hence 1e-3.
+    two = run("two_workers", num_workers=2)
+    expected, got = losses(one_worker), losses(two)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-3), (step, got, expected)
+
+
+def test_interrupt_then_resume_matches_uninterrupted(run, one_worker, tmp_path):
+    # the run dies right after its step-4 checkpoint and is not restarted (max_failures=0) ...
+    with pytest.raises(Exception):
+        run("interrupted", num_workers=1, artifact_root=tmp_path, max_failures=0, fail_at_step=4)
+    assert latest_step(checkpoint_dir("base", "d2", tmp_path)) == 4
+    # ... then --resume carries on from there with the same data order
+    run("resumed", num_workers=1, artifact_root=tmp_path, resume=True)
+    expected, got = losses(one_worker), losses(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got, expected)
+
+
+def test_killed_worker_restarts_from_checkpoint(run, one_worker):
+    # rank 1 exits hard after step 6; FailureConfig restarts the group from the step-4 checkpoint
+    root = run("killed", num_workers=2, max_failures=1, fail_at_step=6)
+    log = (checkpoint_dir("base", "d2", root) / METRICS_LOG).read_text().splitlines()
+    assert len(log) == STEPS + 2, "steps 5 and 6 run twice: once before the kill, once after"
+    got, expected = losses(root), losses(one_worker)
+    assert latest_step(checkpoint_dir("base", "d2", root)) == STEPS
+    assert got[STEPS] == pytest.approx(expected[STEPS], rel=1e-3)
+
+
+def test_existing_run_needs_resume_or_fresh(run, one_worker):
+    with pytest.raises(ConfigError, match="--resume"):
+        run("again", artifact_root=one_worker, num_workers=1)
+
+
+def test_corrupt_shard_is_named(run, smoke_tokenizer_dir, shards, tmp_path):
+    bad = tmp_path / "shard_00000.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match="shard_00000.parquet"):
+        pretrain(make_config("smoke"), train_shards=[bad], val_shard=shards[1],
+                 tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path)
+
+
+def test_config_errors_come_before_ray(smoke_tokenizer_dir, shards, tmp_path):
+    with pytest.raises(ConfigError, match="workers 3"):
+        pretrain(make_config("smoke"), num_workers=3, train_shards=shards[0], val_shard=shards[1],
+                 tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        pretrain(make_config("smoke", vocab_size=2048), train_shards=shards[0], val_shard=shards[1],
+                 tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path)
