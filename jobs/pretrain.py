@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from nanochat_ray.common import base_dir
-from nanochat_ray.config import add_config_args, config_from_args, validate
-from nanochat_ray.data.registry import pretrain_shards
-from nanochat_ray.train.pretrain import pretrain
+from nanochat_ray.common import base_dir, init_ray
+from nanochat_ray.config import add_config_args, config_from_args
+from nanochat_ray.data.download import shards_needed, start_downloads, train_and_val_shards
+from nanochat_ray.train.pretrain import check_run, pretrain
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-root", default=os.environ.get("NANOCHAT_DATA"),
                         help="local mirror laid out like shared/data (env NANOCHAT_DATA)")
     parser.add_argument("--tokenizer-dir", default=None, help="default: <base dir>/tokenizer")
+    parser.add_argument("--num-shards", type=int, default=None,
+                        help="pretraining shards to use, val included (default: enough for the horizon)")
     parser.add_argument("--data-actors", type=int, default=1, help="tokenizer actors in the Ray Data pool")
     parser.add_argument("--data-actor-cpus", type=float, default=None,
                         help="CPUs reserved by each tokenizer actor (default 1 with GPUs; 0 on CPU-only "
@@ -44,13 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = config_from_args(args)
-    validate(cfg, world_size=args.num_workers)  # before Ray starts
-    shards = pretrain_shards(args.data_root)
-    if len(shards) < 2:
-        raise SystemExit(f"need at least 2 pretraining shards (train + val), found {len(shards)}: "
-                         "run jobs/tokenizer.py to download them or pass --data-root")
-    train_shards, val_shard = shards[:-1], shards[-1]  # the last shard is the validation split
     tokenizer_dir = Path(args.tokenizer_dir or base_dir() / "tokenizer")
+    check_run(cfg, tokenizer_dir, args.num_workers, args.resume, args.fresh)  # before Ray starts
+    init_ray()
+    # shards already fetched by jobs/tokenizer.py are skipped; a mirror's are used in place
+    downloads = start_downloads(args.num_shards or shards_needed(cfg), args.data_root)
+    train_shards, val_shard = train_and_val_shards(downloads.paths)
+    downloads.wait()
     result = pretrain(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
                       train_shards=train_shards, val_shard=val_shard, tokenizer_dir=tokenizer_dir,
                       resume=args.resume, fresh=args.fresh, max_failures=args.max_failures,

@@ -12,9 +12,12 @@ in base_dir()/data/pretrain, or a mirror's are used in place. main() returns the
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import pyarrow.parquet as pq
 import ray

@@ -1,6 +1,7 @@
 """Pretraining on Ray Train (smoke preset, CPU workers over gloo): equivalence, resume, failures."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from nanochat_ray.checkpoint import checkpoint_dir, latest_step, load_checkpoint
 from nanochat_ray.config import ConfigError, make_config
-from nanochat_ray.train.pretrain import METRICS_LOG, pretrain
+from nanochat_ray.train.pretrain import METRICS, METRICS_LOG, NullLogger, make_logger, pretrain
 
 STEPS = 8  # smoke preset: checkpoints at steps 4 and 8
 
@@ -107,3 +108,20 @@ def test_config_errors_come_before_ray(smoke_tokenizer_dir, shards, tmp_path):
     with pytest.raises(ConfigError, match="vocab_size"):
         pretrain(make_config("smoke", vocab_size=2048), train_shards=shards[0], val_shard=shards[1],
                  tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path)
+
+
+def test_wandb_logs_offline_when_a_run_name_is_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    assert isinstance(make_logger(make_config("smoke"), rank=0), NullLogger)  # run "dummy"
+    assert isinstance(make_logger(make_config("smoke", run="exp"), rank=1), NullLogger)  # rank 0 only
+    logger = make_logger(make_config("smoke", run="exp"), rank=0)
+    logger.log({"loss": 1.5}, step=1)
+    logger.finish()
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_dashboard_metric_names_are_valid_prometheus_names():
+    # Ray drops metrics with other names, with only a warning
+    for name in METRICS:
+        assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", f"nanochat_pretrain_{name}")

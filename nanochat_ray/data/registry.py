@@ -7,8 +7,8 @@ local mirror laid out like shared/data (for machines without hub access).
 
 The mirror root is the `data_root` argument (a job's --data-root), else NANOCHAT_DATA, else none.
 Downloads go to base_dir()/data/<dataset>/<split>/ through a temp file renamed on success, with
-retries and exponential backoff. Pretraining shards: shard_url(i) and pretrain_shards(); fetching
-them in parallel is the job of a Ray pipeline on top of download_file.
+retries and exponential backoff. Pretraining shards: shard_url(i); data/download.py fetches
+many of them in parallel with Ray tasks on top of download_file.
 """
 
 import gzip
@@ -122,15 +122,6 @@ def mirror_root(data_root: str | Path | None = None) -> Path | None:
 def cache_dir(dataset: str) -> Path:
     """Where downloads of one dataset are kept."""
     return base_dir() / "data" / dataset
-
-
-def pretrain_shards(data_root: str | Path | None = None) -> list[Path]:
-    """Local pretraining shards, sorted: the mirror's pretrain_text/ if it has any, else the
-    downloaded ones in cache_dir("pretrain")."""
-    root = mirror_root(data_root)
-    if root is not None and (shards := sorted((root / "pretrain_text").glob("shard_*.parquet"))):
-        return shards
-    return sorted(cache_dir("pretrain").glob("shard_*.parquet"))
 
 
 def resolve(dataset: str, split: str, data_root: str | Path | None = None) -> Path:

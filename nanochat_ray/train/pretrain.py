@@ -15,6 +15,7 @@ in the format of checkpoint.py, so every later stage loads them without Ray.
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -94,6 +95,8 @@ def dashboard_gauges() -> dict:
 
 
 def train_worker(loop_config: dict) -> None:
+    # Ray Train logs every report at INFO (with all metrics): our own step line says it shorter
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = Config(**loop_config["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -201,20 +204,17 @@ def save_and_report(metrics: dict, meta: dict, model: GPT, optimizers: list, ran
 # the driver
 
 
-def pretrain(cfg: Config, *, num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
-             train_shards: list[Path], val_shard: Path, tokenizer_dir: Path, resume: bool = False,
-             fresh: bool = False, max_failures: int = 2, data_actors: int = 1, data_actor_cpus: float = 0.5,
-             artifact_root: Path | None = None, fail_at_step: int | None = None) -> dict:
-    """Run base pretraining with Ray Train; returns the final metrics and checkpoint path.
+def check_run(cfg: Config, tokenizer_dir: Path, num_workers: int = 1, resume: bool = False,
+              fresh: bool = False, artifact_root: Path | None = None) -> Path:
+    """Everything that can be wrong before any work: config, tokenizer, an existing run.
 
-    Config errors are raised before Ray starts (a local Ray is started when none is running).
+    Returns the stage directory, ready to write into (--fresh moves an old run aside).
     """
     validate(cfg, world_size=num_workers)
     tokenizer = Tokenizer.from_directory(tokenizer_dir)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ConfigError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens but vocab_size is "
                           f"{cfg.vocab_size}: pass --vocab-size {tokenizer.vocab_size}, or retrain the tokenizer")
-    row_groups(train_shards + [val_shard])  # a missing or corrupt shard fails here, by name
     stage_dir = checkpoint_dir(STAGE, cfg.model_tag, artifact_root)
     if latest_step(stage_dir) is not None and not resume:
         if not fresh:
@@ -224,7 +224,19 @@ def pretrain(cfg: Config, *, num_workers: int = 1, use_gpu: bool = False, cpus_p
         shutil.move(stage_dir, aside)
         print(f"moved the previous run aside to {aside}")
     stage_dir.mkdir(parents=True, exist_ok=True)
+    return stage_dir
 
+
+def pretrain(cfg: Config, *, num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
+             train_shards: list[Path], val_shard: Path, tokenizer_dir: Path, resume: bool = False,
+             fresh: bool = False, max_failures: int = 2, data_actors: int = 1, data_actor_cpus: float = 0.5,
+             artifact_root: Path | None = None, fail_at_step: int | None = None) -> dict:
+    """Run base pretraining with Ray Train; returns the final metrics and checkpoint path.
+
+    Every input is checked before Ray starts (a local Ray is started when none is running).
+    """
+    stage_dir = check_run(cfg, tokenizer_dir, num_workers, resume, fresh, artifact_root)
+    row_groups(train_shards + [val_shard])  # a missing or corrupt shard fails here, by name
     init_ray()
     feeder = BatchFeeder.remote([str(p) for p in train_shards], str(tokenizer_dir), cfg.seq_len,
                                 data_actors, data_actor_cpus)
