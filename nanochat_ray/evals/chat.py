@@ -1,0 +1,209 @@
+"""
+Chat evaluation (SPEC §8): categorical tasks by the offered letters' logits, generative tasks by
+sampling and checking, and the ChatCORE summary.
+
+    result = run_task_eval("ARC-Easy", model, tokenizer, range(100), data_root="shared/data")
+    result.num_correct, result.num_total, result.accuracy
+
+Plain torch, no Ray. To shard, give each worker some of the example indices and add the results
+in the driver, `sum(results, EvalResult())`: exact, because results carry counts, and sampling is
+seeded per example, so a sample does not depend on which shard drew it.
+"""
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanochat_ray.tasks import ARC, GSM8K, MMLU, HumanEval, SpellingBee, Task
+from nanochat_ray.tokenizer import Tokenizer
+
+# generate(prompt_ids, num_samples, max_tokens, temperature, top_k, seed) → completions' token ids
+Generate = Callable[[list[int], int, int, float, int, int], list[list[int]]]
+
+# accuracy of random guessing: 1 in 4 for the 4-choice tasks, 0 for open answers
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+SPELLING_BEE_EVAL_SIZE = 256
+
+
+@dataclass
+class EvalResult:
+    num_correct: int = 0
+    num_total: int = 0
+    # example index → the predicted letter (categorical) or the decoded completions (generative)
+    predictions: dict[int, str | list[str]] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.num_correct / self.num_total if self.num_total else 0.0
+
+    def __add__(self, other: "EvalResult") -> "EvalResult":
+        if self.predictions.keys() & other.predictions.keys():
+            raise ValueError("the results share example indices: shards must not overlap")
+        return EvalResult(self.num_correct + other.num_correct, self.num_total + other.num_total,
+                          {**self.predictions, **other.predictions})
+
+    def record(self, index: int, prediction: str | list[str], correct: bool) -> None:
+        self.predictions[index] = prediction
+        self.num_correct += int(correct)
+        self.num_total += 1
+
+
+def load_eval_task(name: str, data_root: str | Path | None = None,
+                   run_program: Callable[[str], bool] | None = None) -> Task:
+    """The evaluation split of a ChatCORE task; `run_program` is HumanEval's sandbox."""
+    builders = {
+        "ARC-Easy": lambda: ARC("ARC-Easy", "test", data_root),
+        "ARC-Challenge": lambda: ARC("ARC-Challenge", "test", data_root),
+        "MMLU": lambda: MMLU("test", data_root),
+        "GSM8K": lambda: GSM8K("test", data_root),
+        "HumanEval": lambda: HumanEval(data_root, run_program=run_program),
+        "SpellingBee": lambda: SpellingBee(SPELLING_BEE_EVAL_SIZE, "test", data_root=data_root),
+    }
+    if name not in builders:
+        raise ValueError(f"unknown chat eval task {name!r}; known: {sorted(builders)}")
+    return builders[name]()
+
+
+# -----------------------------------------------------------------------------
+# categorical
+
+
+def letter_token_ids(tokenizer: Tokenizer, letters: list[str]) -> list[int]:
+    """Each letter's token as the tokenizer encodes it standalone (the first token an answer has)."""
+    ids = [tokenizer.encode(letter) for letter in letters]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"every answer letter must be one token; {letters} encode as {ids}")
+    return [i[0] for i in ids]
+
+
+@torch.no_grad()
+def evaluate_categorical(task: Task, indices: Iterable[int], model: torch.nn.Module, tokenizer: Tokenizer,
+                         batch_size: int = 8, autocast_ctx=None) -> EvalResult:
+    """Predict each example's letter: the highest logit among ONLY its offered letters, at the
+    position after <|assistant_start|>. One forward per batch of prompts, no sampling."""
+    device = next(model.parameters()).device
+    indices = list(indices)
+    result = EvalResult()
+    for b in range(0, len(indices), batch_size):
+        batch = indices[b:b + batch_size]
+        conversations = [task[i] for i in batch]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        width = max(len(p) for p in prompts)
+        # right padding: causal attention keeps it out of every position we read; any id will do
+        pad = tokenizer.bos_token_id
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], device=device)  # (B, T)
+        with autocast_ctx or contextlib.nullcontext():
+            logits = model(ids)  # (B, T, vocab)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        answer_logits = logits[torch.arange(len(batch), device=device), last].float().cpu()  # (B, vocab)
+        for row, (index, conversation) in enumerate(zip(batch, conversations)):
+            letters = conversation["letters"]
+            offered = answer_logits[row, letter_token_ids(tokenizer, letters)]  # (len(letters),)
+            prediction = letters[int(offered.argmax())]
+            result.record(index, prediction, task.evaluate(conversation, prediction))
+    return result
+
+
+# -----------------------------------------------------------------------------
+# generative
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
+    """(N, vocab) logits → (N,) next ids: argmax at temperature 0, else top-k sampling."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def naive_generate(model: torch.nn.Module, tokenizer: Tokenizer, autocast_ctx=None) -> Generate:
+    """A Generate over the model with no KV cache (every step re-reads the whole sequence):
+    slow but simple, so generative evals run before the engine is plugged in. No tool calls."""
+    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
+
+    @torch.no_grad()
+    def generate(prompt_ids: list[int], num_samples: int, max_tokens: int, temperature: float,
+                 top_k: int, seed: int) -> list[list[int]]:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.tensor([prompt_ids] * num_samples, device=device)  # (N, T)
+        done = [False] * num_samples
+        completions: list[list[int]] = [[] for _ in range(num_samples)]
+        for _ in range(max_tokens):
+            with autocast_ctx or contextlib.nullcontext():
+                logits = model(ids)[:, -1, :]  # (N, vocab)
+            next_ids = sample_next(logits, temperature, top_k, generator)  # (N,)
+            for row, token in enumerate(next_ids.tolist()):
+                if done[row]:
+                    continue  # finished rows keep being fed (one batch), their tokens dropped
+                if token in stops:
+                    done[row] = True
+                else:
+                    completions[row].append(token)
+            if all(done):
+                break
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        return completions
+
+    return generate
+
+
+def evaluate_generative(task: Task, indices: Iterable[int], tokenizer: Tokenizer, generate: Generate,
+                        num_samples: int = 1, max_tokens: int = 512, temperature: float = 0.0,
+                        top_k: int = 50, seed: int = 0) -> EvalResult:
+    """Sample num_samples completions per example and check them with task.evaluate: pass@k, an
+    example counts as correct when any of its samples is."""
+    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
+    result = EvalResult()
+    for index in indices:
+        conversation = task[index]
+        prompt = tokenizer.render_for_completion(conversation)
+        # seeded by example, so shards draw the same samples; spaced by num_samples for engines
+        # that seed sample j with seed + j
+        samples = generate(prompt, num_samples, max_tokens, temperature, top_k, seed + index * num_samples)
+        completions = []
+        for sample in samples:
+            # an engine may or may not return the stop token; cut at the first either way
+            end = next((i for i, t in enumerate(sample) if t in stops), len(sample))
+            completions.append(tokenizer.decode(sample[:end]))
+        correct = any(task.evaluate(conversation, c) for c in completions)
+        result.record(index, completions, correct)
+    return result
+
+
+# -----------------------------------------------------------------------------
+
+
+def run_task_eval(task_name: str, model: torch.nn.Module, tokenizer: Tokenizer, indices: Iterable[int], *,
+                  data_root: str | Path | None = None, generate: Generate | None = None,
+                  run_program: Callable[[str], bool] | None = None, batch_size: int = 8,
+                  num_samples: int = 1, max_tokens: int = 512, temperature: float = 0.0, top_k: int = 50,
+                  seed: int = 0, autocast_ctx=None) -> EvalResult:
+    """Evaluate the given example indices of one ChatCORE task (see load_eval_task for the names).
+
+    Generative tasks sample with `generate` (default: naive_generate over the model); HumanEval
+    needs `run_program`, the sandbox. Indices are positions in the task, e.g. range(len(task)).
+    """
+    task = load_eval_task(task_name, data_root, run_program)
+    if task.eval_type == "categorical":
+        return evaluate_categorical(task, indices, model, tokenizer, batch_size, autocast_ctx)
+    generate = generate or naive_generate(model, tokenizer, autocast_ctx)
+    return evaluate_generative(task, indices, tokenizer, generate, num_samples, max_tokens, temperature, top_k, seed)
+
+
+def chatcore(accuracies: dict[str, float]) -> float:
+    """Mean over the given tasks of (accuracy − baseline) / (1 − baseline): 0 = chance, 1 = perfect."""
+    if not accuracies:
+        raise ValueError("chatcore needs at least one task's accuracy")
+    unknown = set(accuracies) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"no ChatCORE baseline for {sorted(unknown)}; tasks: {sorted(BASELINES)}")
+    centered = [(acc - BASELINES[name]) / (1.0 - BASELINES[name]) for name, acc in accuracies.items()]
+    return sum(centered) / len(centered)
