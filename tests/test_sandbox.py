@@ -1,0 +1,217 @@
+"""Sandbox tests: HumanEval's canonical solutions pass, and hostile or broken programs fail without harm.
+
+    .venv/bin/pytest tests/test_sandbox.py -q
+"""
+
+import gzip
+import json
+import os
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from nanochat_ray.evals import sandbox
+from nanochat_ray.evals.sandbox import OUTPUT_LIMIT, check_humaneval, run_program
+
+DATA_ROOT = Path(os.environ.get("NANOCHAT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+HUMANEVAL = DATA_ROOT / "humaneval" / "HumanEval.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def problems() -> list[dict]:
+    if not HUMANEVAL.is_file():
+        pytest.fail(f"no HumanEval at {HUMANEVAL}: set NANOCHAT_DATA to a copy of shared/data")
+    with gzip.open(HUMANEVAL, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def processes_in_group(pgid: int) -> list[int]:
+    """Live pids whose process group is `pgid` (read from /proc, no psutil)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except (OSError, IndexError):  # the process ended while we looked
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+# --- correct programs
+
+
+def test_humaneval_canonical_solutions_pass(problems):
+    assert len(problems) == 164
+    # a few at a time: each run is mostly interpreter start-up, and the box has 2 busy cores
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda p: check_humaneval(p, p["canonical_solution"]), problems))
+    failed = {p["task_id"]: (r.status, r.error) for p, r in zip(problems, results) if not r.success}
+    assert not failed
+
+
+def test_wrong_humaneval_solution_fails(problems):
+    result = check_humaneval(problems[0], "    return not numbers\n")
+    assert result.status == "failed" and "AssertionError" in result.error
+
+
+def test_output_and_working_directory():
+    result = run_program("import os\nprint('hello')\nopen('notes.txt', 'w').write('x')\nprint(os.getcwd())")
+    assert result.success and result.status == "passed"
+    hello, workdir = result.stdout.split()
+    assert hello == "hello" and not Path(workdir).exists()  # its temp directory is deleted afterwards
+
+
+def test_minimal_environment(monkeypatch):
+    monkeypatch.setenv("SECRET_TOKEN", "do-not-leak")
+    result = run_program("import os\nprint(sorted(os.environ))")
+    assert result.success and "SECRET_TOKEN" not in result.stdout
+
+
+def test_limits_are_set():
+    result = run_program("import resource\nprint(resource.getrlimit(resource.RLIMIT_AS))", memory_mb=300)
+    assert result.success and result.stdout.strip() == str((300 * 2**20, 300 * 2**20))
+
+
+# --- broken programs fail, never raise in the caller
+
+
+@pytest.mark.parametrize("code", [
+    "raise ValueError('boom')",
+    "import sys\nsys.exit(0)",  # exiting before the checks must not count as passing
+    "raise SystemExit",
+    "import os\nos._exit(0)",
+    "def broken(:",
+    "def f(): return f()\nf()",
+])
+def test_errors_and_early_exits_fail(code):
+    result = run_program(code)
+    assert result.status == "failed" and not result.success and result.error
+
+
+def test_infinite_loop_times_out_quickly():
+    result = run_program("while True:\n    pass", timeout=1.0)
+    assert result.status == "timeout"
+    assert result.duration < 4.0
+
+
+def test_segfault_is_a_crash():
+    result = run_program("import faulthandler\nfaulthandler._sigsegv()")
+    assert result.status == "crashed" and "11" in result.error
+
+
+@pytest.mark.parametrize("code", [
+    "x = bytearray(10**10)",
+    "chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))",
+])
+def test_huge_allocations_hit_the_memory_limit(code):
+    result = run_program(code, timeout=10.0)
+    assert result.status == "memory" and not result.success
+
+
+def test_output_is_capped():
+    result = run_program("print('x' * 10**6)")
+    assert result.success and result.truncated and len(result.stdout) == OUTPUT_LIMIT
+    chatty = run_program("while True:\n    print('y' * 1000)", timeout=1.0)
+    assert chatty.status == "timeout" and len(chatty.stdout) <= OUTPUT_LIMIT
+
+
+# --- escape attempts are refused and leave nothing behind
+
+
+@pytest.mark.parametrize("bomb", [
+    "while True:\n    os.fork()",
+    "while True:\n    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])",
+    "subprocess.run('sleep 60 &', shell=True)",
+    "os.system('sleep 60 &')",
+    "while True:\n    multiprocessing.Process(target=time.sleep, args=(60,)).start()",
+    "multiprocessing.set_start_method('spawn')\nwhile True:\n    multiprocessing.Process(target=time.sleep, args=(60,)).start()",
+])
+def test_fork_bombs_are_contained(bomb):
+    code = "import multiprocessing, os, subprocess, sys, time\nprint(os.getpgid(0), flush=True)\n" + bomb
+    result = run_program(code, timeout=5.0)
+    assert result.status == "failed" and "PermissionError" in result.error
+    assert processes_in_group(int(result.stdout.split()[0])) == []
+
+
+def test_leftover_descendants_are_killed():
+    """The kernel-level backstop for a program that gets past the guard: its whole process group dies
+    once it exits, even while a descendant still holds its output pipes."""
+    process = subprocess.Popen(["sh", "-c", "sleep 60 & echo started"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    with process:
+        start = time.monotonic()
+        stdout, _, _, timed_out = sandbox._collect_output(process, timeout=20.0)
+        assert stdout == b"started\n" and not timed_out and time.monotonic() - start < 5.0
+        assert processes_in_group(process.pid) == []
+
+
+@pytest.mark.parametrize("write", [
+    "open(TARGET, 'w').write('x')",
+    "open(TARGET, 'a').write('x')",
+    "import pathlib\npathlib.Path(TARGET).write_text('x')",
+    "import os\nos.close(os.open(TARGET, os.O_WRONLY | os.O_CREAT))",
+    "import os\nos.mkdir(TARGET)",
+    "import os\nos.chdir('/')\nopen(os.path.relpath(TARGET), 'w')",
+    "import shutil\nshutil.copy(__file__, TARGET)",
+    "import io\nio.FileIO(TARGET, 'w')",
+])
+def test_writing_outside_is_refused(tmp_path, write):
+    # world-writable, so only the sandbox stands between a root-run program and the file
+    target = tmp_path / "outside.txt"
+    tmp_path.chmod(0o777)
+    result = run_program(f"TARGET = {str(target)!r}\n" + write)
+    assert result.status == "failed" and "PermissionError" in result.error
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("delete", [
+    "import os\nos.remove(TARGET)",
+    "import os\nos.unlink(TARGET)",
+    "import pathlib\npathlib.Path(TARGET).unlink()",
+    "import os\nos.rename(TARGET, TARGET + '.moved')",
+    "import os\nos.chmod(TARGET, 0)",
+    "import os\nos.utime(TARGET, (0, 0))",
+    "import shutil\nshutil.rmtree(os.path.dirname(TARGET))",
+    "import shutil\nshutil.move(TARGET, 'here.txt')",
+])
+def test_changing_files_outside_is_refused(tmp_path, delete):
+    target = tmp_path / "keep.txt"
+    target.write_text("precious")
+    result = run_program(f"import os\nTARGET = {str(target)!r}\n" + delete)
+    assert result.status == "failed" and "PermissionError" in result.error
+    stat = target.stat()
+    assert target.read_text() == "precious" and stat.st_mode & 0o777 == 0o644 and stat.st_mtime > 0
+
+
+@pytest.mark.parametrize("connect", [
+    "socket.socket()",
+    "socket.create_connection(('127.0.0.1', PORT), timeout=1)",
+    "import urllib.request\nurllib.request.urlopen(f'http://127.0.0.1:{PORT}/', timeout=1)",
+    "a, b = socket.socketpair()",
+    "import ssl\nssl.create_default_context().wrap_socket(socket.socket(), server_hostname='x')",
+])
+def test_sockets_are_refused(connect):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        result = run_program(f"import socket\nPORT = {port}\n" + connect)
+        assert result.status == "failed" and "sandbox:" in result.error  # urllib wraps it in a URLError
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nobody connected
+            listener.accept()
+
+
+def test_ctypes_is_blocked():
+    result = run_program("import ctypes\nctypes.string_at(0)")
+    assert result.status == "failed" and "ctypes" in result.error
+
+
+def test_refuses_without_resource_limits(monkeypatch, tmp_path):
+    monkeypatch.setattr(sandbox, "resource", None)
+    marker = tmp_path / "ran"
+    result = run_program(f"open({str(marker)!r}, 'w')")
+    assert result.status == "refused" and not marker.exists()
