@@ -47,6 +47,7 @@ class Config:
     warmup_ratio: float = 0.0  # fraction of steps with a linear LR warm-up
     warmdown_ratio: float = 0.2  # fraction of steps with a linear LR decay at the end
     final_lr_frac: float = 0.0  # LR multiplier reached at the very end
+    init_lr_frac: float = 1.0  # every LR above starts at this fraction (SFT: 0.02, RL: 0.05)
     # --- evaluation and logging during training
     eval_every: int = 250  # steps between val bpb evaluations
     eval_tokens: int = 20 * 524288  # tokens per val bpb evaluation
@@ -178,6 +179,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check(0 <= cfg.warmup_ratio and 0 <= cfg.warmdown_ratio and cfg.warmup_ratio + cfg.warmdown_ratio <= 1,
           f"warmup_ratio {cfg.warmup_ratio} + warmdown_ratio {cfg.warmdown_ratio} must lie in [0, 1]")
     check(0 <= cfg.final_lr_frac <= 1, f"final_lr_frac must lie in [0, 1], got {cfg.final_lr_frac}")
+    check(0 < cfg.init_lr_frac <= 1, f"init_lr_frac must lie in (0, 1], got {cfg.init_lr_frac}")
     check(cfg.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     check(cfg.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {cfg.compile!r}")
     check(cfg.num_iterations > 0 or cfg.target_flops > 0 or cfg.target_param_data_ratio > 0,
@@ -212,10 +214,14 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                            help=f"default from the preset ({f.default!r} in d20)")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, stage_defaults=None) -> Config:
+    """Preset, then the stage's defaults (a function of the preset's config, e.g. SFT's smaller
+    batch), then the command line's overrides."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name, None) is not None}
-    return make_config(args.preset or default_preset(), **overrides)
+    preset = args.preset or default_preset()
+    defaults = stage_defaults(make_config(preset)) if stage_defaults else {}
+    return make_config(preset, **{**defaults, **overrides})
 
 
 def config_from_argv(argv: list[str] | None = None) -> Config:

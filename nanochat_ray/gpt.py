@@ -53,48 +53,74 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values for every layer, (layers, 2, B, H_kv, T_max, D), grown on demand.
+    """Keys and values for every layer, (layers, 2, B, H_kv, T_max, D), with a length per row.
 
-    The position advances only after the last layer has written, so all layers of one
-    forward see the same offset.
+    Rows may hold sequences of different lengths (the engine decodes unrelated requests
+    together): each row writes at its own position `pos[row]`, takes rotary angles from it,
+    and attends only to its own keys through a mask. A forward on a batch of B tokens uses
+    rows [0, B). The positions advance only after the last layer has written, so all layers
+    of one forward see the same offsets. T_max grows on demand.
     """
 
     def __init__(self, batch_size: int, n_kv_head: int, head_dim: int, n_layer: int, seq_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.shape = (n_layer, 2, batch_size, n_kv_head, seq_len, head_dim)
-        self.kv = torch.empty(self.shape, device=device, dtype=dtype)
-        self.pos = 0
+        # zeros, not empty: keys past a row's length are masked out of the scores, but their
+        # values still meet a zero weight, and 0 * NaN would poison the row
+        self.kv = torch.zeros((n_layer, 2, batch_size, n_kv_head, seq_len, head_dim), device=device, dtype=dtype)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row
+        self.mask: torch.Tensor | None = None  # (B, 1, T, L) for the forward in progress
+        self._positions: torch.Tensor | None = None  # (B, T) where that forward's tokens go
 
     @property
     def batch_size(self) -> int:
         return self.kv.shape[2]
 
-    def prefill_from(self, other: "KVCache") -> None:
-        """Copy a (batch 1) prefilled cache into every row of this one."""
-        assert other.batch_size in (1, self.batch_size), "can only broadcast a batch-1 cache"
-        self._ensure(other.pos)
-        self.kv[:, :, :, :, :other.pos] = other.kv[:, :, :, :, :other.pos]
-        self.pos = other.pos
+    def begin(self, batch: int, T: int) -> torch.Tensor:
+        """Start a forward of T new tokens on rows [0, batch); returns their positions (batch, T)."""
+        self._positions = self.pos[:batch, None] + torch.arange(T, device=self.pos.device)
+        length = int(self._positions[:, -1].max()) + 1  # the longest row after this forward
+        self._ensure(length)
+        keys = torch.arange(length, device=self.pos.device)
+        # a query sees the keys at or before its own position in its own row: causal within
+        # the chunk, and blind to the stale tail of rows shorter than the longest
+        self.mask = (keys <= self._positions[..., None])[:, None]
+        return self._positions
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, T, D) at each row's position; return the keys/values (B, H_kv, L, D)
+        that the mask from begin() applies to."""
+        B, length = k.size(0), self.mask.size(-1)
+        rows = torch.arange(B, device=k.device)[:, None]
+        # indices around a slice put their dims first: the target is (B, T, H_kv, D)
+        self.kv[layer, 0, rows, :, self._positions] = k.transpose(1, 2)
+        self.kv[layer, 1, rows, :, self._positions] = v.transpose(1, 2)
+        if layer == self.kv.size(0) - 1:
+            self.pos[:B] = self._positions[:, -1] + 1
+        return self.kv[layer, 0, :B, :, :length], self.kv[layer, 1, :B, :, :length]
+
+    def prefill_from(self, other: "KVCache", rows: list[int] | None = None) -> None:
+        """Copy a batch-1 cache into `rows` of this one (every row by default)."""
+        assert other.batch_size == 1, "can only broadcast a batch-1 cache"
+        rows = list(range(self.batch_size)) if rows is None else rows
+        length = int(other.pos[0])
+        self._ensure(length)
+        self.kv[:, :, rows, :, :length] = other.kv[:, :, :1, :, :length]
+        self.pos[rows] = length
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row src over row dst (the engine keeps its live rows packed at the front)."""
+        length = int(self.pos[src])
+        self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]
+        self.pos[dst] = length
 
     def _ensure(self, needed: int) -> None:
         if needed <= self.kv.shape[4]:
             return
         # grow in chunks of 1024 so decoding long answers does not reallocate every step
         new_len = (needed + 1023) // 1024 * 1024
-        grown = torch.empty((*self.kv.shape[:4], new_len, self.kv.shape[5]),
-                            device=self.kv.device, dtype=self.kv.dtype)
-        grown[:, :, :, :, :self.pos] = self.kv[:, :, :, :, :self.pos]
+        grown = self.kv.new_zeros((*self.kv.shape[:4], new_len, self.kv.shape[5]))
+        grown[:, :, :, :, :self.kv.shape[4]] = self.kv
         self.kv = grown
-
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, D) at the current position; return all keys/values so far."""
-        t0, t1 = self.pos, self.pos + k.size(2)
-        self._ensure(t1)
-        self.kv[layer, 0, :, :, t0:t1] = k
-        self.kv[layer, 1, :, :, t0:t1] = v
-        if layer == self.kv.size(0) - 1:
-            self.pos = t1
-        return self.kv[layer, 0, :, :, :t1], self.kv[layer, 1, :, :, :t1]
 
 
 # -----------------------------------------------------------------------------
@@ -120,22 +146,14 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
 
-        if kv_cache is not None:
-            k, v = kv_cache.insert(self.layer_idx, k, v)
-        Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
-        if kv_cache is None or Tq == Tk:
-            # training, or prefill of an empty cache: plain causal attention
+        if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif Tq == 1:
-            # one decode step attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
         else:
-            # a chunk after a prefix: all of the prefix, causal within the chunk
-            prefix = Tk - Tq
-            mask = torch.ones((Tq, Tk), dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).contiguous().view(B, Tq, -1)
+            # the cache's mask is causal per row and hides keys past each row's length
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
 
@@ -215,6 +233,26 @@ class GPT(nn.Module):
         nparams_nonembed = self.num_params() - self.transformer.wte.weight.numel()
         return 6 * nparams_nonembed + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) → final normed hidden states (B, T, n_embd), before the lm_head.
+
+        The engine's prefill calls this alone: it only needs the cache filled, and the lm_head
+        would be most of the prefill's work.
+        """
+        B, T = idx.size()
+        if kv_cache is None:
+            assert T <= self.cos.size(1), f"sequence of {T} tokens exceeds the rotary table"
+            cos_sin = self.cos[:, :T], self.sin[:, :T]
+        else:
+            positions = kv_cache.begin(B, T)  # (B, T): every row continues from its own length
+            assert kv_cache.mask.size(-1) <= self.cos.size(1), "sequence exceeds the rotary table"
+            cos_sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
+
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos_sin, kv_cache)
+        return norm(x)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
         """idx (B, T) → logits (B, T, vocab), or the loss when targets are given.
@@ -222,15 +260,7 @@ class GPT(nn.Module):
         Targets of -1 are ignored. loss_reduction="none" gives per-token losses (B, T) for bpb.
         """
         B, T = idx.size()
-        t0 = kv_cache.pos if kv_cache is not None else 0
-        assert t0 + T <= self.cos.size(1), f"sequence of {t0 + T} tokens exceeds the rotary table"
-        cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
-
-        x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache)
-        x = norm(x)
-
+        x = self.hidden_states(idx, kv_cache)
         softcap = 15.0
         logits = self.lm_head(x).float()  # (B, T, vocab); fp32 for a stable softmax
         logits = softcap * torch.tanh(logits / softcap)

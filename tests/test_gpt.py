@@ -75,7 +75,7 @@ def test_kv_cache_prefill_then_decode_matches_full_forward():
         cache = KVCache(1, TINY.n_kv_head, TINY.head_dim, TINY.n_layer, seq_len=16)
         steps = [model(idx[:, :24], kv_cache=cache)]
         steps += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(24, 40)]
-    assert cache.pos == 40
+    assert cache.pos.tolist() == [40]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -107,3 +107,22 @@ def test_training_reduces_loss():
         loss.backward()
         opt.step()
     assert loss.item() < first - 1.0
+
+
+def test_kv_cache_rows_of_different_lengths_in_one_batch():
+    # two unrelated sequences of 7 and 19 tokens share a cache; each row keeps its own positions
+    model = randomize(build(TINY))
+    seqs = [torch.randint(0, 300, (1, 7 + 4)), torch.randint(0, 300, (1, 19 + 4))]
+    with torch.no_grad():
+        full = [model(s) for s in seqs]
+        both = KVCache(2, TINY.n_kv_head, TINY.head_dim, TINY.n_layer, seq_len=8)
+        for row, (s, n) in enumerate(zip(seqs, (7, 19))):
+            one = KVCache(1, TINY.n_kv_head, TINY.head_dim, TINY.n_layer, seq_len=n)
+            model(s[:, :n], kv_cache=one)
+            both.prefill_from(one, rows=[row])
+        step = model(torch.cat([seqs[0][:, 7:8], seqs[1][:, 19:20]]), kv_cache=both)  # one token each
+        chunk = model(torch.cat([seqs[0][:, 8:11], seqs[1][:, 20:23]]), kv_cache=both)  # then three each
+    assert both.pos.tolist() == [11, 23]
+    for row, (f, n) in enumerate(zip(full, (7, 19))):
+        torch.testing.assert_close(step[row], f[0, n:n + 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(chunk[row], f[0, n + 1:n + 4], atol=1e-5, rtol=1e-5)

@@ -9,7 +9,8 @@ import torch
 
 from nanochat_ray.checkpoint import checkpoint_dir, latest_step, load_checkpoint
 from nanochat_ray.config import ConfigError, make_config
-from nanochat_ray.train.pretrain import METRICS, METRICS_LOG, NullLogger, make_logger, pretrain
+from nanochat_ray.train.pretrain import pretrain
+from nanochat_ray.train.worker import DASHBOARD_METRICS, METRICS_LOG, NullLogger, make_logger
 
 STEPS = 8  # smoke preset: checkpoints at steps 4 and 8
 
@@ -113,9 +114,9 @@ def test_config_errors_come_before_ray(smoke_tokenizer_dir, shards, tmp_path):
 def test_wandb_logs_offline_when_a_run_name_is_given(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    assert isinstance(make_logger(make_config("smoke"), rank=0), NullLogger)  # run "dummy"
-    assert isinstance(make_logger(make_config("smoke", run="exp"), rank=1), NullLogger)  # rank 0 only
-    logger = make_logger(make_config("smoke", run="exp"), rank=0)
+    assert isinstance(make_logger(make_config("smoke"), "base", rank=0), NullLogger)  # run "dummy"
+    assert isinstance(make_logger(make_config("smoke", run="exp"), "base", rank=1), NullLogger)  # rank 0 only
+    logger = make_logger(make_config("smoke", run="exp"), "base", rank=0)
     logger.log({"loss": 1.5}, step=1)
     logger.finish()
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
@@ -123,5 +124,6 @@ def test_wandb_logs_offline_when_a_run_name_is_given(tmp_path, monkeypatch):
 
 def test_dashboard_metric_names_are_valid_prometheus_names():
     # Ray drops metrics with other names, with only a warning
-    for name in METRICS:
-        assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", f"nanochat_pretrain_{name}")
+    for stage in ("base", "mid", "sft"):
+        for name in DASHBOARD_METRICS:
+            assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", f"nanochat_{stage}_{name}")

@@ -22,10 +22,6 @@ from nanochat_ray.config import Config
 from nanochat_ray.gpt import GPT
 from nanochat_ray.optim import set_muon_momentum, step_optimizers
 
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
-                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
-
-
 @dataclass
 class TrainState:
     """What a resume needs besides weights and optimizer state."""
@@ -49,18 +45,24 @@ def world() -> tuple[int, int]:
 
 
 def to_batch(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T+1) token rows → inputs (B, T) and targets (B, T), int64 on the device."""
+    """Token rows → inputs (B, T) and targets (B, T), int64 on the device.
+
+    rows is (B, T+1) tokens (pretraining: every target counts) or (B, 2, T+1) tokens and a loss
+    mask (chat stages: targets whose mask is 0 become -1, which the loss ignores).
+    """
     rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
     if device.type == "cuda":
         rows = rows.pin_memory().to(device, non_blocking=True)  # overlaps the copy with compute
+    if rows.ndim == 3:
+        tokens, mask = rows[:, 0], rows[:, 1]
+        return tokens[:, :-1], tokens[:, 1:].masked_fill(mask[:, 1:] == 0, -1)
     return rows[:, :-1], rows[:, 1:]
 
 
-def mean_over_workers(value: torch.Tensor) -> float:
+def sum_over_workers(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)  # SUM: gloo has no AVG
-        value = value / dist.get_world_size()
-    return value.item()  # a CPU↔GPU sync point, once per step
+        dist.all_reduce(value)
+    return value
 
 
 def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batches: Batches,
@@ -97,17 +99,22 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
         waited = time.perf_counter() - start
         if step + 1 < num_iterations:
             pending = batches(step + 1)  # the next rows arrive while this step computes
+        micro_batches = [to_batch(rows[m * micro_rows:(m + 1) * micro_rows], device) for m in range(accum)]
+        # the loss is the mean over every counted target of the step, on all workers together, so
+        # the split over workers and micro-batches changes nothing (the optimizers average over
+        # workers, hence the world_size factor)
+        # (at least 1: a step of SFT rows cut before the assistant speaks has nothing to learn)
+        counted = sum_over_workers(sum((targets >= 0).sum() for _, targets in micro_batches)).clamp(min=1)
         loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            inputs, targets = to_batch(rows[micro * micro_rows:(micro + 1) * micro_rows], device)
+        for inputs, targets in micro_batches:
             with ctx:
-                loss = step_model(inputs, targets=targets)
+                loss = step_model(inputs, targets=targets, loss_reduction="sum")
             loss_sum += loss.detach()
-            (loss / accum).backward()  # the mean over the total batch, whatever the accumulation
+            (loss * world_size / counted).backward()
         # clips by the norm of the gradient averaged over workers, so 1 and N workers agree
         grad_norm = step_optimizers(optimizers, cfg.grad_clip)
         model.zero_grad(set_to_none=True)
-        loss_value = mean_over_workers(loss_sum / accum)
+        loss_value = (sum_over_workers(loss_sum) / counted).item()  # a CPU↔GPU sync point, once per step
         step_seconds = time.perf_counter() - start
 
         state.step += 1

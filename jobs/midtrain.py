@@ -1,0 +1,31 @@
+"""
+Midtraining job (SPEC §7): teaches the base model the conversation format, tool use and multiple
+choice, on a packed mixture of SmolTalk, MMLU, GSM8K with calculator calls, identity and
+spelling tasks. Starts from the latest `base` checkpoint of the same model; saves `mid`.
+
+    python jobs/midtrain.py --preset cpu
+    ray job submit --working-dir . -- python jobs/midtrain.py --preset d20 --num-workers 8 --use-gpu
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from nanochat_ray.config import config_from_args
+from nanochat_ray.train.chat import chat_train
+from nanochat_ray.train.cli import tokenizer_dir, training_parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = training_parser(__doc__).parse_args(argv)
+    result = chat_train("mid", config_from_args(args), tokenizer_dir=tokenizer_dir(args), data_root=args.data_root,
+                        num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+                        resume=args.resume, fresh=args.fresh, max_failures=args.max_failures,
+                        fail_at_step=args.fail_at_step)
+    print(f"done: {result['metrics']}\ncheckpoint: {result['checkpoint']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""
+Inference on token ids (SPEC §11): KV-cached batched decoding, sampling, calculator tool use.
+
+Three pieces, each usable alone:
+- `sample_next_token`: one token per row from logits: greedy, temperature, top-k.
+- `DecodeBatch`: rows decoded together one token per step; requests join (`add`) and leave
+  (`remove`, or by ending) between steps, so a server can batch continuously. Each row has
+  its own length in the KV cache, its own sampling settings and its own random stream.
+- `Engine`: the reference's interface on top: `generate` streams columns of tokens for
+  `num_samples` rows of one prompt, `generate_batch` returns whole sequences.
+
+    engine = Engine(model, tokenizer)
+    for column, masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64): ...
+
+Tool use: when a row emits <|python_start|> expr <|python_end|>, expr is evaluated by
+`calculator.calculate` and <|output_start|> result <|output_end|> is forced into that row's
+next steps with mask 0, so RL does not train on the tool's words.
+"""
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from nanochat_ray.calculator import CalculatorError, calculate
+from nanochat_ray.gpt import GPT, KVCache
+from nanochat_ray.tokenizer import Tokenizer
+
+UNIFORM_BLOCK = 64  # random numbers a row draws from its generator at a time
+
+
+def sample_next_token(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                      uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row of logits (B, vocab) → (B,).
+
+    Rows with temperature 0 take the argmax; the others draw from softmax(logits / temperature)
+    restricted to their top_k tokens (0 = the whole vocabulary), by inverting the CDF at
+    `uniform` (B,) in (0, 1]. One number per row instead of torch.multinomial's generator keeps
+    every row's draw a function of that row's own random stream.
+    """
+    greedy = logits.argmax(dim=-1)
+    sampling = temperature > 0
+    if not sampling.any():
+        return greedy
+    vocab = logits.size(-1)
+    if (top_k > 0).any():
+        k = top_k.clamp(1, vocab)
+        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, k[:, None] - 1)  # (B, 1)
+        kth = torch.where(top_k[:, None] > 0, kth, float("-inf"))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    # the first token whose cumulative probability reaches u·total: u > 0 never picks a
+    # zero-probability token; scaling by the total absorbs the cumsum's rounding
+    drawn = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:]).squeeze(1).clamp(max=vocab - 1)
+    return torch.where(sampling, drawn, greedy)
+
+
+# -----------------------------------------------------------------------------
+
+
+class Generated(NamedTuple):
+    token: int
+    mask: int  # 1 = sampled by the model, 0 = forced by the tool
+    done: bool  # the row ended here (terminal token or budget spent) and has left the batch
+
+
+@dataclass
+class _Row:
+    id: int
+    budget: int  # tokens the row may still produce
+    rng: torch.Generator
+    steps: int = 0  # tokens produced so far, one uniform drawn for each
+    forced: deque[int] = field(default_factory=deque)  # tool output still to feed in
+    python: list[int] | None = None  # ids since <|python_start|>; None outside a tool call
+
+
+class DecodeBatch:
+    """Requests decoded together, one token per live row per step.
+
+    Row i of the KV cache holds self.rows[i]; live rows stay packed at the front (a leaving
+    row's slot takes the last row), so a step is one forward over cache rows [0, n) with no
+    gather. Callers refer to rows by the ids `add` returns, which never change.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_rows: int, seq_len: int = 256):
+        self.model, self.tokenizer = model, tokenizer
+        c = model.config
+        weight = model.lm_head.weight
+        device = weight.device
+        self.cache = KVCache(max_rows, c.n_kv_head, c.head_dim, c.n_layer, seq_len, device, weight.dtype)
+        self.rows: list[_Row] = []
+        # per-row settings, indexed like the cache; rows [len(self.rows), max_rows) are free
+        self.inputs = torch.zeros(max_rows, dtype=torch.long, device=device)  # token fed in next step
+        self.temperature = torch.zeros(max_rows, device=device)
+        self.top_k = torch.zeros(max_rows, dtype=torch.long, device=device)  # 0 = no top-k
+        self.uniforms = torch.zeros(max_rows, UNIFORM_BLOCK, device=device)
+        self._next_id = 0
+        special = tokenizer.encode_special
+        self.terminal = {special("<|assistant_end|>"), special("<|bos|>")}
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, prompt: list[int], num_samples: int = 1, max_tokens: int | None = None,
+            temperature: float = 1.0, top_k: int | None = None, seed: int = 42) -> list[int]:
+        """Prefill `prompt` once and start `num_samples` rows from it; returns their ids.
+
+        Row i samples from its own generator seeded with seed + i, so it produces what a
+        one-row request with that seed would, whatever else is in the batch.
+        """
+        if not prompt:
+            raise ValueError("the prompt needs at least one token")
+        first = len(self.rows)
+        if first + num_samples > self.cache.batch_size:
+            raise ValueError(f"{num_samples} more rows do not fit: {first} of {self.cache.batch_size} in use")
+        c = self.model.config
+        # the last prompt token is fed by the first step, which also yields the first sample;
+        # the rest needs only its keys and values, so the prefill skips the lm_head
+        prefix = KVCache(1, c.n_kv_head, c.head_dim, c.n_layer, len(prompt), self.cache.kv.device, self.cache.kv.dtype)
+        if len(prompt) > 1:
+            self.model.hidden_states(torch.tensor([prompt[:-1]], device=self.inputs.device), kv_cache=prefix)
+        rows = list(range(first, first + num_samples))
+        self.cache.prefill_from(prefix, rows)
+        self.inputs[rows] = prompt[-1]
+        self.temperature[rows] = temperature
+        self.top_k[rows] = top_k or 0
+        # rotary angles exist for rotary_len positions; no row may run past them
+        budget = self.model.rotary_len - len(prompt)
+        budget = budget if max_tokens is None else min(budget, max_tokens)
+        ids = []
+        for i in range(num_samples):
+            self.rows.append(_Row(self._next_id, budget, torch.Generator().manual_seed(seed + i)))
+            ids.append(self._next_id)
+            self._next_id += 1
+        return ids
+
+    @torch.inference_mode()
+    def step(self) -> dict[int, Generated]:
+        """Advance every row by one token. Rows that end are removed before this returns."""
+        n = len(self.rows)
+        logits = self.model(self.inputs[:n, None], kv_cache=self.cache)[:, 0]  # (n, vocab)
+        sampled = sample_next_token(logits, self.temperature[:n], self.top_k[:n], self._uniforms()).tolist()
+        tokens, out = [], {}
+        for row, token in zip(self.rows, sampled):
+            forced = bool(row.forced)
+            if forced:
+                token = row.forced.popleft()
+            row.budget -= 1
+            self._use_tool(row, token)
+            tokens.append(token)
+            out[row.id] = Generated(token, 0 if forced else 1, token in self.terminal or row.budget == 0)
+        self.inputs[:n] = torch.tensor(tokens, device=self.inputs.device)
+        for row_id, generated in out.items():
+            if generated.done:
+                self.remove(row_id)
+        return out
+
+    @torch.inference_mode()
+    def remove(self, row_id: int) -> None:
+        """Drop a row (finished, or its client left); the last row moves into its slot."""
+        i = next(i for i, row in enumerate(self.rows) if row.id == row_id)
+        last = len(self.rows) - 1
+        if i != last:
+            self.cache.move_row(last, i)
+            for per_row in (self.inputs, self.temperature, self.top_k, self.uniforms):
+                per_row[i] = per_row[last]
+            self.rows[i] = self.rows[last]
+        self.rows.pop()
+
+    def _uniforms(self) -> torch.Tensor:
+        """One number in (0, 1] per row, the next from that row's own generator."""
+        for i, row in enumerate(self.rows):
+            if row.steps % UNIFORM_BLOCK == 0:
+                # 1 - U[0, 1): a draw of exactly 0 could select a token of probability 0
+                self.uniforms[i] = 1 - torch.rand(UNIFORM_BLOCK, generator=row.rng)
+        columns = [row.steps % UNIFORM_BLOCK for row in self.rows]
+        for row in self.rows:
+            row.steps += 1
+        n = len(self.rows)
+        return self.uniforms[torch.arange(n), torch.tensor(columns)]
+
+    def _use_tool(self, row: _Row, token: int) -> None:
+        """The per-row tool state machine: collect the expression, queue the calculator's answer."""
+        if token == self.python_start:
+            row.python = []
+        elif token == self.python_end and row.python is not None:
+            expression, row.python = self.tokenizer.decode(row.python), None
+            try:
+                result = calculate(expression)
+            except CalculatorError:
+                return  # the reference also feeds nothing back when the call fails
+            row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.python is not None:
+            row.python.append(token)
+
+
+# -----------------------------------------------------------------------------
+
+
+class Engine:
+    """The reference's interface: many samples of one prompt, streamed or whole."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None,
+                 seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield (token_column, mask_column) per step, one entry per sample, until every row ends.
+
+        A row ends after yielding <|assistant_end|> or <|bos|>, or after max_tokens tokens.
+        A row that ended early repeats its terminal token with mask 0 while the others go on.
+        Row i is seeded with seed + i (see DecodeBatch.add).
+        """
+        seq_len = len(tokens) + (max_tokens or 256)
+        batch = DecodeBatch(self.model, self.tokenizer, max_rows=num_samples, seq_len=seq_len)
+        ids = batch.add(tokens, num_samples, max_tokens, temperature, top_k, seed)
+        ended: dict[int, int] = {}  # row id → its terminal token
+        while len(batch):
+            out = batch.step()
+            column = [out[i].token if i in out else ended[i] for i in ids]
+            masks = [out[i].mask if i in out else 0 for i in ids]
+            ended.update((i, g.token) for i, g in out.items() if g.done)
+            yield column, masks
+
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+        """Whole sequences (prompt + generated) and masks per sample; terminal tokens are left out.
+
+        Takes generate's keyword arguments. Prompt positions have mask 0.
+        """
+        terminal = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.bos_token_id}
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        completed = [False] * num_samples
+        for column, mask_column in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, mask_column)):
+                completed[i] = completed[i] or token in terminal
+                if not completed[i]:
+                    results[i].append(token)
+                    masks[i].append(mask)
+        return results, masks

@@ -1,0 +1,202 @@
+"""
+Midtraining and SFT (SPEC §7, §9): the data source of the `mid` and `sft` stages, and their driver.
+
+    python jobs/midtrain.py --preset cpu       # base → mid: conversations packed into rows
+    python jobs/sft.py --preset cpu            # mid → sft: one conversation per row, padded
+
+Both render task mixtures with tokenizer.render_conversation, so the loss falls only on what
+the assistant says (mask 1); tool outputs and user turns are context. Step s always takes the
+same rows (mid) or conversations (sft) of the seeded mixture, whatever the number of workers,
+so runs are reproducible and a resume continues exactly; the data position is the step.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from nanochat_ray.checkpoint import checkpoint_dir, latest_step, load_checkpoint, step_name
+from nanochat_ray.common import autocast, compute_dtype
+from nanochat_ray.config import Config, ConfigError
+from nanochat_ray.data.registry import DataUnavailableError, mirror_root
+from nanochat_ray.evals.bpb import evaluate_bpb
+from nanochat_ray.gpt import GPT
+from nanochat_ray.tasks import (ARC, GSM8K, MMLU, Identity, SimpleSpelling, SmolTalk, SpellingBee, Task,
+                                TaskMixture)
+from nanochat_ray.tokenizer import Tokenizer
+from nanochat_ray.train.loop import Batches, TrainState, to_batch
+from nanochat_ray.train.worker import TrainSpec, check_stage, fit
+
+PREVIOUS = {"mid": "base", "sft": "mid"}
+SAMPLE_QUESTIONS = ["What is the capital of France?", "Who are you?", "How many r are in strawberry?"]
+
+
+class Fallbacks:
+    """The mirror lacks some splits (MMLU auxiliary_train, ARC train): a stand-in is used, said once.
+
+    The driver probes (`known=None`) and records what is missing; workers get that record and
+    build the same mixture without probing (a failed download costs seconds of retries).
+    """
+
+    def __init__(self, known: set[str] | None = None):
+        self.probe = known is None
+        self.missing = set() if known is None else set(known)
+
+    def pick(self, name: str, build, fallback, fallback_name: str) -> Task:
+        if self.probe:
+            try:
+                return build()
+            except DataUnavailableError as e:
+                print(f"{name} is not available ({str(e).split(':')[0]}); using {fallback_name} instead")
+                self.missing.add(name)
+        return fallback() if name in self.missing else build()
+
+
+def training_mixture(stage: str, data_root: str | None, seed: int, fallbacks: Fallbacks) -> TaskMixture:
+    """SPEC §7 (mid) and §9 (sft) mixtures."""
+    identity = Identity(data_root)
+    if stage == "mid":
+        mmlu = fallbacks.pick("MMLU auxiliary_train", lambda: MMLU("auxiliary_train", data_root),
+                              lambda: TaskMixture([MMLU("dev", data_root), MMLU("validation", data_root)], seed=seed),
+                              "MMLU dev + validation")
+        tasks = [SmolTalk("train", data_root), mmlu, GSM8K("train", data_root), identity, identity,  # identity ×2
+                 SimpleSpelling(200_000, "train", seed, data_root), SpellingBee(80_000, "train", seed, data_root)]
+    else:
+        arc = [fallbacks.pick(f"{subset} train", lambda subset=subset: ARC(subset, "train", data_root),
+                              lambda subset=subset: ARC(subset, "validation", data_root),
+                              f"{subset} validation (the chat evals use test)")
+               for subset in ("ARC-Easy", "ARC-Challenge")]
+        tasks = arc + [GSM8K("train", data_root), SmolTalk("train", data_root, stop=10_000), identity,
+                       SimpleSpelling(300, "train", seed, data_root), SpellingBee(300, "train", seed, data_root)]
+    return TaskMixture(tasks, seed=seed)
+
+
+def validation_mixture(data_root: str | None, seed: int) -> TaskMixture:
+    return TaskMixture([SmolTalk("test", data_root), MMLU("test", data_root, stop=5_200),
+                        GSM8K("test", data_root, stop=420)], seed=seed)
+
+
+def packed_rows(task: Task, tokenizer: Tokenizer, row_len: int) -> Iterator[np.ndarray]:
+    """(2, row_len) rows of tokens and loss mask: conversations concatenated and cut, epoch after epoch."""
+    ids: list[int] = []
+    mask: list[int] = []
+    while True:
+        for i in range(len(task)):
+            conversation_ids, conversation_mask = tokenizer.render_conversation(task[i], max_tokens=row_len)
+            ids += conversation_ids
+            mask += conversation_mask
+            while len(ids) >= row_len:
+                yield np.array([ids[:row_len], mask[:row_len]], dtype=np.int32)
+                del ids[:row_len], mask[:row_len]
+
+
+def padded_rows(conversations: list[tuple[list[int], list[int]]]) -> np.ndarray:
+    """(n, 2, longest) tokens and mask, padded at the end with masked zeros."""
+    longest = max(len(ids) for ids, _ in conversations)
+    rows = np.zeros((len(conversations), 2, longest), dtype=np.int32)
+    for row, (ids, mask) in zip(rows, conversations):
+        row[0, :len(ids)], row[1, :len(mask)] = ids, mask
+    return rows
+
+
+@dataclass
+class ChatData:
+    """The rows of a chat stage, built on each worker from the seeded mixture."""
+    stage: str  # mid (packed) or sft (padded)
+    tokenizer_dir: str
+    data_root: str | None
+    missing: set[str]  # splits the driver found missing, replaced by their stand-ins
+
+    def mixture(self, cfg: Config) -> TaskMixture:
+        return training_mixture(self.stage, self.data_root, cfg.seed, Fallbacks(self.missing))
+
+    def _rows_per_step(self, cfg: Config) -> int:
+        return cfg.total_batch_size // cfg.seq_len
+
+    def iterations(self, cfg: Config, model: GPT) -> int:
+        if cfg.num_iterations > 0:
+            return cfg.num_iterations
+        mixture = self.mixture(cfg)
+        if self.stage == "sft":  # one epoch of conversations
+            return max(1, len(mixture) // self._rows_per_step(cfg))
+        tokenizer = Tokenizer.from_directory(self.tokenizer_dir)
+        tokens = sum(len(tokenizer.render_conversation(mixture[i], cfg.seq_len + 1)[0]) for i in range(len(mixture)))
+        return max(1, tokens // ((cfg.seq_len + 1) * self._rows_per_step(cfg)))  # one epoch of packed rows
+
+    def open(self, cfg: Config, rank: int, world_size: int, state: TrainState, device: torch.device) -> Batches:
+        tokenizer = Tokenizer.from_directory(self.tokenizer_dir)
+        mixture = self.mixture(cfg)
+        per_step, share = self._rows_per_step(cfg), self._rows_per_step(cfg) // world_size
+        if self.stage == "sft":
+            def take(step: int) -> np.ndarray:
+                first = step * per_step + rank * share
+                return padded_rows([tokenizer.render_conversation(mixture[i % len(mixture)], cfg.seq_len + 1)
+                                    for i in range(first, first + share)])
+        else:
+            stream = packed_rows(mixture, tokenizer, cfg.seq_len + 1)
+            consumed = 0  # global rows already drawn from the stream
+
+            def take(step: int) -> np.ndarray:
+                # every worker walks the whole stream (rendering is cheap next to a training step)
+                # and keeps its own share of each step
+                nonlocal consumed
+                first = step * per_step + rank * share
+                for _ in range(first - consumed):
+                    next(stream)
+                consumed = first + share
+                return np.stack([next(stream) for _ in range(share)])
+
+        def batches(step: int):
+            return lambda: (take(step), {"step": step + 1})
+        return batches
+
+    def evaluator(self, cfg: Config, model: GPT, tokenizer: Tokenizer, rank: int, world_size: int,
+                  device: torch.device):
+        """Val bits per byte on the assistant tokens of the validation mixture, packed."""
+        rows_total = max(world_size, cfg.eval_tokens // cfg.seq_len)
+        # rows of user text alone count nothing in bpb: take rows where the assistant speaks
+        stream = (row for row in packed_rows(validation_mixture(self.data_root, cfg.seed), tokenizer, cfg.seq_len + 1)
+                  if row[1, 1:].any())
+        rows = np.stack([next(stream) for _ in range(rows_total)])[rank::world_size][:rows_total // world_size]
+        val_batches = [to_batch(rows[i:i + cfg.device_batch_size], device)
+                       for i in range(0, len(rows), cfg.device_batch_size)]
+        token_bytes = tokenizer.token_bytes().to(device)
+        ctx = autocast(device, compute_dtype(cfg.dtype, device))
+        return lambda: {"val_bpb": evaluate_bpb(model, val_batches, token_bytes, ctx)}
+
+    def sample_prompts(self, tokenizer: Tokenizer) -> list[list[int]]:
+        return [tokenizer.render_for_completion({"messages": [{"role": "user", "content": q},
+                                                              {"role": "assistant", "content": ""}]})
+                for q in SAMPLE_QUESTIONS]
+
+
+def chat_train(stage: str, cfg: Config, *, tokenizer_dir: Path, data_root: str | None = None,
+               num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0, resume: bool = False,
+               fresh: bool = False, max_failures: int = 2, artifact_root: Path | None = None,
+               fail_at_step: int | None = None) -> dict:
+    """Midtrain (stage "mid", from the latest base checkpoint) or SFT (stage "sft", from mid)."""
+    stage_dir = check_stage(cfg, stage, tokenizer_dir, num_workers, resume, fresh, artifact_root)
+    previous_dir = checkpoint_dir(PREVIOUS[stage], cfg.model_tag, artifact_root)
+    previous_step = latest_step(previous_dir)
+    if previous_step is None:
+        job = {"base": "jobs/pretrain.py", "mid": "jobs/midtrain.py"}[PREVIOUS[stage]]
+        raise ConfigError(f"no {PREVIOUS[stage]} checkpoint of {cfg.model_tag} in {previous_dir}: run {job} first "
+                          f"(or pass the same --preset/--depth as that run)")
+    _, _, meta = load_checkpoint(previous_dir, previous_step, load_optimizer=False)
+    if meta["model_config"] != dataclasses.asdict(cfg.gpt_config()):
+        raise ConfigError(f"the {PREVIOUS[stage]} checkpoint's model {meta['model_config']} differs from this "
+                          f"config's {dataclasses.asdict(cfg.gpt_config())}: pass the same --preset and overrides "
+                          f"as that run")
+    mirror = mirror_root(data_root)  # resolved here: workers see neither relative paths nor our environment
+    mirror = str(mirror) if mirror else None
+    fallbacks = Fallbacks()
+    mixture = training_mixture(stage, mirror, cfg.seed, fallbacks)  # missing data fails here, before Ray
+    print(f"{stage}: {len(mixture):,} conversations, starting from {previous_dir / step_name(previous_step)}")
+    data = ChatData(stage, str(tokenizer_dir), mirror, fallbacks.missing)
+    spec = TrainSpec(stage, cfg, stage_dir, data, resume=resume, init_from=previous_dir / step_name(previous_step),
+                     fail_at_step=fail_at_step)
+    return fit(spec, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+               max_failures=max_failures)

@@ -1,0 +1,28 @@
+"""Command-line flags shared by the training jobs (jobs/pretrain.py, midtrain.py, sft.py)."""
+
+import argparse
+import os
+from pathlib import Path
+
+from nanochat_ray.common import base_dir
+from nanochat_ray.config import add_config_args
+
+
+def training_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-workers", type=int, default=1, help="training workers (one per GPU)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, bf16, compile")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved by each worker")
+    parser.add_argument("--data-root", default=os.environ.get("NANOCHAT_DATA"),
+                        help="local mirror laid out like shared/data (env NANOCHAT_DATA)")
+    parser.add_argument("--tokenizer-dir", type=Path, default=None, help="default: <base dir>/tokenizer")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this stage")
+    parser.add_argument("--fresh", action="store_true", help="move an existing run of this stage aside, start over")
+    parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
+    parser.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests only
+    add_config_args(parser)
+    return parser
+
+
+def tokenizer_dir(args: argparse.Namespace) -> Path:
+    return args.tokenizer_dir or base_dir() / "tokenizer"
