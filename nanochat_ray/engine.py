@@ -39,23 +39,27 @@ def sample_next_token(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
     restricted to their top_k tokens (0 = the whole vocabulary), by inverting the CDF at
     `uniform` (B,) in (0, 1]. One number per row instead of torch.multinomial's generator keeps
     every row's draw a function of that row's own random stream.
+
+    Overwrites `logits`: on CPU, every fresh B × vocab tensor costs page faults, and these
+    passes are a good part of a decode step.
     """
-    greedy = logits.argmax(dim=-1)
     sampling = temperature > 0
-    if not sampling.any():
-        return greedy
+    if not sampling.all():
+        greedy = logits.argmax(dim=-1)
+        if not sampling.any():
+            return greedy
     vocab = logits.size(-1)
     if (top_k > 0).any():
         k = top_k.clamp(1, vocab)
         kth = logits.topk(int(k.max()), dim=-1).values.gather(1, k[:, None] - 1)  # (B, 1)
         kth = torch.where(top_k[:, None] > 0, kth, float("-inf"))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    # the first token whose cumulative probability reaches u·total: u > 0 never picks a
-    # zero-probability token; scaling by the total absorbs the cumsum's rounding
+        logits.masked_fill_(logits < kth, float("-inf"))
+    cdf = logits.div_(temperature.clamp(min=1e-6)[:, None])  # unnormalised, built in place
+    cdf.sub_(cdf.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
+    # the first token whose cumulative weight reaches u·total: u > 0 never picks a
+    # zero-probability token, and scaling by the total makes normalising unnecessary
     drawn = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:]).squeeze(1).clamp(max=vocab - 1)
-    return torch.where(sampling, drawn, greedy)
+    return drawn if sampling.all() else torch.where(sampling, drawn, greedy)
 
 
 # -----------------------------------------------------------------------------

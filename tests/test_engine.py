@@ -59,16 +59,19 @@ def bigram_model(tokenizer: Tokenizer, next_token: dict[int, dict[int, float]]) 
 
 
 def test_inverse_cdf_sampling_follows_the_distribution_and_top_k():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(2000, 4)
+    row = torch.tensor([2.0, 1.0, 0.0, -1.0])
     uniform = (torch.arange(2000) + 1) / 2000  # an even sweep of (0, 1]
     ones = torch.ones(2000)
-    counts = torch.bincount(sample_next_token(logits, ones, torch.zeros(2000, dtype=torch.long), uniform), minlength=4)
-    torch.testing.assert_close(counts / 2000, logits[0].softmax(-1), atol=2e-3, rtol=0)
-    top2 = sample_next_token(logits, ones, torch.full((2000,), 2), uniform)
-    torch.testing.assert_close(torch.bincount(top2, minlength=4) / 2000, torch.tensor([2.0, 1.0, -1e9, -1e9]).softmax(-1),
-                               atol=2e-3, rtol=0)
+
+    def frequencies(top_k: int) -> torch.Tensor:
+        # sample_next_token overwrites its logits: a fresh copy each time
+        tokens = sample_next_token(row.repeat(2000, 1), ones, torch.full((2000,), top_k), uniform)
+        return torch.bincount(tokens, minlength=4) / 2000
+
+    torch.testing.assert_close(frequencies(0), row.softmax(-1), atol=2e-3, rtol=0)
+    torch.testing.assert_close(frequencies(2), torch.tensor([2.0, 1.0, -1e9, -1e9]).softmax(-1), atol=2e-3, rtol=0)
     # temperature 0 is the argmax whatever the uniform; settings are per row
-    mixed = sample_next_token(logits[:2], torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), torch.tensor([1.0, 1.0]))
+    mixed = sample_next_token(row.repeat(2, 1), torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), torch.tensor([1.0, 1.0]))
     assert mixed.tolist() == [0, 0]
 
 
