@@ -1,0 +1,156 @@
+"""
+Evaluations sharded over Ray actors: each actor loads the model once, evaluates the example
+indices it is given, and returns counts; the driver adds them up. Because every evaluation
+returns counts and generative sampling is seeded per example, N actors give exactly the
+numbers of one process.
+
+    actors = start_eval_actors("sft", "d20", num_actors=8, use_gpu=True)
+    run_core(actors, bundle_dir, max_per_task=500)
+    run_chat(actors, ["ARC-Easy", "GSM8K"], data_root, max_per_task=None)
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import ray
+import torch
+
+from nanochat_ray.checkpoint import build_model_from_checkpoint, checkpoint_dir, latest_step
+from nanochat_ray.common import autocast, base_dir, compute_dtype, default_device
+from nanochat_ray.config import Config, add_config_args
+from nanochat_ray.evals import core
+from nanochat_ray.evals.bpb import evaluate_bpb
+from nanochat_ray.evals.chat import EvalResult, chatcore, load_eval_task, run_task_eval
+from nanochat_ray.gpt import build_gpt
+from nanochat_ray.tokenizer import Tokenizer
+from nanochat_ray.train.loop import sample_greedy, to_batch
+
+
+def load_model(stage: str, cfg: Config, device: torch.device, root: Path | None = None) -> tuple[torch.nn.Module, str]:
+    """The stage's latest checkpoint, or (clearly labelled) a freshly initialised model when none exists."""
+    if latest_step(checkpoint_dir(stage, cfg.model_tag, root)) is None:
+        torch.manual_seed(cfg.seed)
+        return build_gpt(cfg.gpt_config(), device), f"UNTRAINED {cfg.model_tag} (no {stage} checkpoint)"
+    model, meta = build_model_from_checkpoint(stage, cfg.model_tag, device=device, root=root)
+    return model, f"{stage} {cfg.model_tag} step {meta['step']}"
+
+
+class Evaluator:
+    """One model copy and a tokenizer; evaluates the indices it is handed."""
+
+    def __init__(self, stage: str, cfg: Config, tokenizer_dir: str, data_root: str | None, root: str | None):
+        # Ray gives an actor as many threads as CPUs it reserved; a plain process keeps torch's default
+        self.device = default_device()
+        self.model, self.label = load_model(stage, cfg, self.device, Path(root) if root else None)
+        self.model.eval()
+        self.cfg = cfg
+        self.tokenizer = Tokenizer.from_directory(tokenizer_dir)
+        self.data_root = data_root
+        self.autocast = autocast(self.device, compute_dtype(cfg.dtype, self.device))
+
+    def describe(self) -> str:
+        return self.label
+
+    def bpb(self, shard: str) -> float:
+        """Bits per byte on the first cfg.eval_tokens tokens of a pretraining shard."""
+        from nanochat_ray.train.pretrain import val_rows
+        rows = val_rows(shard, self.tokenizer, self.cfg, rank=0, world_size=1)
+        batches = [to_batch(rows[i:i + self.cfg.device_batch_size], self.device)
+                   for i in range(0, len(rows), self.cfg.device_batch_size)]
+        return evaluate_bpb(self.model, batches, self.tokenizer.token_bytes(), self.autocast)
+
+    def samples(self, prompts: list[str], max_tokens: int = 16) -> dict[str, str]:
+        """Greedy continuations of the fixed prompts."""
+        return {prompt: self.tokenizer.decode(sample_greedy(
+                    self.model, self.tokenizer.encode(prompt, prepend="<|bos|>"), max_tokens))
+                for prompt in prompts}
+
+    def core(self, task: core.TaskSpec, indices: list[int]) -> tuple[int, int]:
+        with torch.inference_mode(), self.autocast:
+            return core.evaluate_task(self.model, self.tokenizer, task, indices)
+
+    def chat(self, task_name: str, indices: list[int], **options) -> EvalResult:
+        from nanochat_ray.evals.sandbox import run_program
+        with torch.inference_mode():
+            return run_task_eval(task_name, self.model, self.tokenizer, indices, data_root=self.data_root,
+                                 run_program=lambda code: run_program(code).success,
+                                 autocast_ctx=self.autocast, **options)
+
+
+EvalActor = ray.remote(Evaluator)
+
+
+def start_eval_actors(stage: str, cfg: Config, tokenizer_dir: Path, data_root: str | None, num_actors: int,
+                      use_gpu: bool = False, cpus_per_actor: float = 1.0, root: Path | None = None) -> list:
+    options = {"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_actor}
+    return [EvalActor.options(**options).remote(stage, cfg, str(tokenizer_dir), data_root, str(root) if root else None)
+            for _ in range(num_actors)]
+
+
+def _shards(indices: list[int], n: int) -> list[list[int]]:
+    return [indices[i::n] for i in range(n) if indices[i::n]]
+
+
+def run_core(actors: list, bundle_dir: Path, max_per_task: int | None) -> dict:
+    """CORE over the actors: every task's indices dealt round-robin, counts summed per task."""
+    tasks = core.load_core_tasks(bundle_dir)
+    pending = {task.label: [actor.core.remote(task, shard) for actor, shard in
+                            zip(actors, _shards(core.select_indices(task, max_per_task), len(actors)))]
+               for task in tasks}
+    counts = {}
+    for label, refs in pending.items():
+        parts = ray.get(refs)
+        counts[label] = (sum(c for c, _ in parts), sum(t for _, t in parts))
+        print(f"  {label:<40} {counts[label][0]:>5}/{counts[label][1]:<5}", flush=True)
+    return core.core_results(tasks, counts)
+
+
+def run_chat(actors: list, task_names: list[str], data_root: str | None, max_per_task: int | None,
+             **options) -> dict:
+    """Chat evals over the actors; returns per-task accuracy and ChatCORE over the tasks run."""
+    pending = {}
+    for name in task_names:
+        n = len(load_eval_task(name, data_root))
+        indices = list(range(n if max_per_task is None else min(n, max_per_task)))
+        pending[name] = [actor.chat.remote(name, shard, **options)
+                         for actor, shard in zip(actors, _shards(indices, len(actors)))]
+    accuracies = {}
+    for name, refs in pending.items():
+        result = sum(ray.get(refs), EvalResult())
+        accuracies[name] = result.accuracy
+        print(f"  {name:<15} {result.num_correct:>5}/{result.num_total:<5} {result.accuracy:.4f}", flush=True)
+    return {"tasks": accuracies, "chatcore": chatcore(accuracies)}
+
+
+# -----------------------------------------------------------------------------
+# what the evaluation jobs share
+
+
+def eval_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-actors", type=int, default=1, help="evaluation actors (one per GPU)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--max-per-task", type=int, default=None, help="examples per task (default: all)")
+    parser.add_argument("--data-root", default=os.environ.get("NANOCHAT_DATA"),
+                        help="local mirror laid out like shared/data (env NANOCHAT_DATA)")
+    parser.add_argument("--tokenizer-dir", type=Path, default=None, help="default: <base dir>/tokenizer")
+    add_config_args(parser)
+    return parser
+
+
+def evals_dir() -> Path:
+    path = base_dir() / "evals"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_results(results: dict, name: str) -> Path:
+    """<base dir>/evals/<name>.json, written atomically: a reader never sees half a file."""
+    path = evals_dir() / f"{name}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,61 @@
+"""Evaluations sharded over Ray actors give exactly the numbers of one process."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from nanochat_ray.checkpoint import checkpoint_dir, save_checkpoint
+from nanochat_ray.config import make_config
+from nanochat_ray.evals import core
+from nanochat_ray.evals.actors import load_model, run_chat, run_core, start_eval_actors
+from nanochat_ray.evals.chat import EvalResult, chatcore, run_task_eval
+from nanochat_ray.data.registry import resolve
+from nanochat_ray.gpt import build_gpt
+from nanochat_ray.tokenizer import Tokenizer
+
+CFG = make_config("smoke")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """An `sft` checkpoint of random (not zero-headed) weights, so predictions differ per example."""
+    root = tmp_path_factory.mktemp("evals")
+    torch.manual_seed(3)
+    model = build_gpt(CFG.gpt_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.3)
+    save_checkpoint(checkpoint_dir("sft", CFG.model_tag, root), 1, model.state_dict(), None,
+                    {"model_config": dataclasses.asdict(CFG.gpt_config())})
+    return root
+
+
+def test_untrained_model_is_labelled(tmp_path):
+    _, label = load_model("sft", CFG, torch.device("cpu"), tmp_path)
+    assert label.startswith("UNTRAINED")
+
+
+def test_chat_eval_over_two_actors_equals_one_process(ray_cluster, root, smoke_tokenizer_dir, data_root):
+    tasks = ["ARC-Easy", "MMLU", "SpellingBee"]
+    actors = start_eval_actors("sft", CFG, smoke_tokenizer_dir, str(data_root), num_actors=2, root=root)
+    sharded = run_chat(actors, tasks, str(data_root), max_per_task=6, max_tokens=8, temperature=1.0, seed=5)
+    model, _ = load_model("sft", CFG, torch.device("cpu"), root)
+    tokenizer = Tokenizer.from_directory(smoke_tokenizer_dir)
+    local = {name: run_task_eval(name, model, tokenizer, range(6), data_root=str(data_root), max_tokens=8,
+                                 temperature=1.0, seed=5).accuracy for name in tasks}
+    assert sharded["tasks"] == local
+    assert sharded["chatcore"] == pytest.approx(chatcore(local))
+
+
+def test_core_over_two_actors_equals_one_process(ray_cluster, root, smoke_tokenizer_dir, data_root):
+    bundle = resolve("core_eval_bundle", "all", data_root)
+    tasks = [t for t in core.load_core_tasks(bundle) if t.label in ("copa", "winograd", "lambada_openai")]
+    actors = start_eval_actors("sft", CFG, smoke_tokenizer_dir, str(data_root), num_actors=2, root=root)
+    model, _ = load_model("sft", CFG, torch.device("cpu"), root)
+    tokenizer = Tokenizer.from_directory(smoke_tokenizer_dir)
+    for task in tasks:
+        indices = core.select_indices(task, 6)
+        shards = [actor.core.remote(task, indices[i::2]) for i, actor in enumerate(actors)]
+        counts = [sum(part) for part in zip(*ray_cluster.get(shards))]
+        assert tuple(counts) == core.evaluate_task(model, tokenizer, task, indices), task.label

@@ -1,0 +1,17 @@
+"""The core is plain PyTorch: importing it must not import Ray (DESIGN principle 1)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ["config", "common", "gpt", "tokenizer", "optim", "checkpoint", "data.registry", "evals.bpb", "evals.core",
+        "evals.chat", "evals.sandbox", "tasks", "train.loop"]
+CORE += [m for m in ("engine", "calculator") if (ROOT / "nanochat_ray" / f"{m}.py").exists()]
+
+
+def test_core_modules_do_not_import_ray():
+    imports = "; ".join(f"import nanochat_ray.{m}" for m in CORE)
+    code = f"import sys; {imports}; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
