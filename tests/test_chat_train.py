@@ -56,6 +56,7 @@ def test_sft_starts_from_mid_and_saves(trained, smoke_tokenizer_dir, data_root):
         assert curve[0] == pytest.approx(mid(inputs, targets=targets).item(), rel=1e-4)
     _, meta = build_model_from_checkpoint("sft", "d2", root=trained)
     assert meta["stage"] == "sft" and meta["config"]["init_lr_frac"] == 0.02
+    assert 0 <= meta["metrics"]["mmlu_acc"] <= 1 and 0 <= meta["metrics"]["arc_easy_acc"] <= 1
 
 
 def test_stage_needs_the_previous_one(smoke_tokenizer_dir, data_root, tmp_path):

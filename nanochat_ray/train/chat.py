@@ -23,14 +23,16 @@ from nanochat_ray.common import autocast, compute_dtype
 from nanochat_ray.config import Config, ConfigError
 from nanochat_ray.data.registry import DataUnavailableError, mirror_root
 from nanochat_ray.evals.bpb import evaluate_bpb
+from nanochat_ray.evals.chat import evaluate_categorical, load_eval_task
 from nanochat_ray.gpt import GPT
 from nanochat_ray.tasks import (ARC, GSM8K, MMLU, Identity, SimpleSpelling, SmolTalk, SpellingBee, Task,
                                 TaskMixture)
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.loop import Batches, TrainState, to_batch
+from nanochat_ray.train.loop import Batches, TrainState, sum_over_workers, to_batch
 from nanochat_ray.train.worker import TrainSpec, check_stage, fit
 
 PREVIOUS = {"mid": "base", "sft": "mid"}
+QUICK_EVAL_EXAMPLES = 64  # MMLU and ARC-Easy questions of each SFT evaluation
 SAMPLE_QUESTIONS = ["What is the capital of France?", "Who are you?", "How many r are in strawberry?"]
 
 
@@ -155,7 +157,8 @@ class ChatData:
 
     def evaluator(self, cfg: Config, model: GPT, tokenizer: Tokenizer, rank: int, world_size: int,
                   device: torch.device):
-        """Val bits per byte on the assistant tokens of the validation mixture, packed."""
+        """Val bits per byte on the assistant tokens of the validation mixture, packed; SFT adds
+        quick MMLU and ARC-Easy accuracy (SPEC §9) on a few test questions, shared over workers."""
         rows_total = max(world_size, cfg.eval_tokens // cfg.seq_len)
         # rows of user text alone count nothing in bpb: take rows where the assistant speaks
         stream = (row for row in packed_rows(validation_mixture(self.data_root, cfg.seed), tokenizer, cfg.seq_len + 1)
@@ -165,7 +168,18 @@ class ChatData:
                        for i in range(0, len(rows), cfg.device_batch_size)]
         token_bytes = tokenizer.token_bytes().to(device)
         ctx = autocast(device, compute_dtype(cfg.dtype, device))
-        return lambda: {"val_bpb": evaluate_bpb(model, val_batches, token_bytes, ctx)}
+        quick = {} if self.stage != "sft" else {
+            "mmlu_acc": load_eval_task("MMLU", self.data_root), "arc_easy_acc": load_eval_task("ARC-Easy", self.data_root)}
+
+        def evaluate() -> dict:
+            metrics = {"val_bpb": evaluate_bpb(model, val_batches, token_bytes, ctx)}
+            for name, task in quick.items():
+                mine = range(rank, min(len(task), QUICK_EVAL_EXAMPLES), world_size)
+                result = evaluate_categorical(task, mine, model, tokenizer, cfg.device_batch_size, ctx)
+                counts = sum_over_workers(torch.tensor([result.num_correct, result.num_total], device=device))
+                metrics[name] = (counts[0] / counts[1]).item()
+            return metrics
+        return evaluate
 
     def sample_prompts(self, tokenizer: Tokenizer) -> list[list[int]]:
         return [tokenizer.render_for_completion({"messages": [{"role": "user", "content": q},
