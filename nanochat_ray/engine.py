@@ -124,6 +124,12 @@ class DecodeBatch:
         first = len(self.rows)
         if first + num_samples > self.cache.batch_size:
             raise ValueError(f"{num_samples} more rows do not fit: {first} of {self.cache.batch_size} in use")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        # rotary angles exist for rotary_len positions; no row may run past them
+        budget = min(self.model.rotary_len - len(prompt), max_tokens or self.model.rotary_len)
+        if budget < 1:
+            raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in the rotary table")
         c = self.model.config
         # the last prompt token is fed by the first step, which also yields the first sample;
         # the rest needs only its keys and values, so the prefill skips the lm_head
@@ -135,9 +141,6 @@ class DecodeBatch:
         self.inputs[rows] = prompt[-1]
         self.temperature[rows] = temperature
         self.top_k[rows] = top_k or 0
-        # rotary angles exist for rotary_len positions; no row may run past them
-        budget = self.model.rotary_len - len(prompt)
-        budget = budget if max_tokens is None else min(budget, max_tokens)
         ids = []
         for i in range(num_samples):
             self.rows.append(_Row(self._next_id, budget, torch.Generator().manual_seed(seed + i)))
@@ -149,6 +152,8 @@ class DecodeBatch:
     def step(self) -> dict[int, Generated]:
         """Advance every row by one token. Rows that end are removed before this returns."""
         n = len(self.rows)
+        if n == 0:
+            return {}
         logits = self.model(self.inputs[:n, None], kv_cache=self.cache)[:, 0]  # (n, vocab)
         sampled = sample_next_token(logits, self.temperature[:n], self.top_k[:n], self._uniforms()).tolist()
         tokens, out = [], {}

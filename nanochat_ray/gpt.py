@@ -8,7 +8,8 @@ Notable features:
 - grouped-query attention (n_kv_head divides n_head)
 - ReLU² MLP, no biases anywhere
 - untied embedding and lm_head; logits soft-capped at 15·tanh(x/15)
-- a KV-cache forward path for the inference engine
+- a KV-cache forward path for the inference engine, with a length per row so unrelated
+  requests decode in one batch
 
 Build on the meta device, move to the target device, then call init_weights():
     with torch.device("meta"): model = GPT(config)
@@ -95,9 +96,10 @@ class KVCache:
         that the mask from begin() applies to."""
         B, length = k.size(0), self.mask.size(-1)
         rows = torch.arange(B, device=k.device)[:, None]
-        # indices around a slice put their dims first: the target is (B, T, H_kv, D)
-        self.kv[layer, 0, rows, :, self._positions] = k.transpose(1, 2)
-        self.kv[layer, 1, rows, :, self._positions] = v.transpose(1, 2)
+        # indices around a slice put their dims first: the target is (B, T, H_kv, D); index_put
+        # does not convert dtypes (autocast makes k, v bf16 on GPU)
+        self.kv[layer, 0, rows, :, self._positions] = k.transpose(1, 2).to(self.kv.dtype)
+        self.kv[layer, 1, rows, :, self._positions] = v.transpose(1, 2).to(self.kv.dtype)
         if layer == self.kv.size(0) - 1:
             self.pos[:B] = self._positions[:, -1] + 1
         return self.kv[layer, 0, :B, :, :length], self.kv[layer, 1, :B, :, :length]

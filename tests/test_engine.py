@@ -140,8 +140,13 @@ def test_rows_of_different_lengths_decode_together_as_they_would_alone(model, to
     assert got[c] == alone(prompts[2], 6)
 
 
-def test_full_batch_is_refused(model, tokenizer):
+def test_bad_requests_are_refused_and_an_empty_batch_steps_to_nothing(model, tokenizer):
     batch = DecodeBatch(model, tokenizer, max_rows=2)
+    assert batch.step() == {}
+    for prompt, kwargs, message in [([], {}, "at least one token"), ([1, 2], {"max_tokens": 0}, "at least 1"),
+                                    ([1] * model.rotary_len, {}, "no room")]:
+        with pytest.raises(ValueError, match=message):
+            batch.add(prompt, **kwargs)
     batch.add([1, 2, 3], num_samples=2)
     with pytest.raises(ValueError, match="do not fit"):
         batch.add([1, 2, 3])

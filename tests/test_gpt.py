@@ -1,7 +1,9 @@
 """The model: parameter count, init, KV-cache equivalence, FLOPs."""
 
+import pytest
 import torch
 
+from nanochat_ray import gpt
 from nanochat_ray.gpt import GPT, GPTConfig, KVCache, build_gpt
 
 TINY = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
@@ -126,3 +128,15 @@ def test_kv_cache_rows_of_different_lengths_in_one_batch():
     for row, (f, n) in enumerate(zip(full, (7, 19))):
         torch.testing.assert_close(step[row], f[0, n:n + 1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(chunk[row], f[0, n + 1:n + 4], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_cached_logits_match_forward_with_and_without_onednn(onednn, monkeypatch):
+    # the cache path computes its logits its own way (oneDNN on CPU, nn.Linear elsewhere)
+    if not onednn:
+        monkeypatch.setattr(gpt, "_ONEDNN_LINEAR", None)
+    model = randomize(build(TINY))
+    idx = torch.randint(0, 300, (3, 12))
+    with torch.no_grad():
+        cached = model(idx, kv_cache=KVCache(3, TINY.n_kv_head, TINY.head_dim, TINY.n_layer, seq_len=12))
+        torch.testing.assert_close(cached, model(idx), atol=1e-5, rtol=1e-5)
