@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from nanochat_ray.engine import Engine
+from nanochat_ray.gpt import GPT
 from nanochat_ray.tasks import ARC, GSM8K, MMLU, HumanEval, SpellingBee, Task
 from nanochat_ray.tokenizer import Tokenizer
 
@@ -111,46 +113,16 @@ def evaluate_categorical(task: Task, indices: Iterable[int], model: torch.nn.Mod
 # generative
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """(N, vocab) logits → (N,) next ids: argmax at temperature 0, else top-k sampling."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def engine_generate(model: GPT, tokenizer: Tokenizer, autocast_ctx=None) -> Generate:
+    """A Generate on the KV-cache engine, calculator tool calls included (GSM8K uses them)."""
+    engine = Engine(model, tokenizer)
 
-
-def naive_generate(model: torch.nn.Module, tokenizer: Tokenizer, autocast_ctx=None) -> Generate:
-    """A Generate over the model with no KV cache (every step re-reads the whole sequence):
-    slow but simple, so generative evals run before the engine is plugged in. No tool calls."""
-    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
-
-    @torch.no_grad()
     def generate(prompt_ids: list[int], num_samples: int, max_tokens: int, temperature: float,
                  top_k: int, seed: int) -> list[list[int]]:
-        device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        ids = torch.tensor([prompt_ids] * num_samples, device=device)  # (N, T)
-        done = [False] * num_samples
-        completions: list[list[int]] = [[] for _ in range(num_samples)]
-        for _ in range(max_tokens):
-            with autocast_ctx or contextlib.nullcontext():
-                logits = model(ids)[:, -1, :]  # (N, vocab)
-            next_ids = sample_next(logits, temperature, top_k, generator)  # (N,)
-            for row, token in enumerate(next_ids.tolist()):
-                if done[row]:
-                    continue  # finished rows keep being fed (one batch), their tokens dropped
-                if token in stops:
-                    done[row] = True
-                else:
-                    completions[row].append(token)
-            if all(done):
-                break
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-        return completions
+        with autocast_ctx or contextlib.nullcontext():
+            sequences, _ = engine.generate_batch(prompt_ids, num_samples, max_tokens=max_tokens,
+                                                 temperature=temperature, top_k=top_k or None, seed=seed)
+        return [sequence[len(prompt_ids):] for sequence in sequences]
 
     return generate
 
@@ -188,13 +160,13 @@ def run_task_eval(task_name: str, model: torch.nn.Module, tokenizer: Tokenizer, 
                   seed: int = 0, autocast_ctx=None) -> EvalResult:
     """Evaluate the given example indices of one ChatCORE task (see load_eval_task for the names).
 
-    Generative tasks sample with `generate` (default: naive_generate over the model); HumanEval
+    Generative tasks sample with `generate` (default: the engine over the model); HumanEval
     needs `run_program`, the sandbox. Indices are positions in the task, e.g. range(len(task)).
     """
     task = load_eval_task(task_name, data_root, run_program)
     if task.eval_type == "categorical":
         return evaluate_categorical(task, indices, model, tokenizer, batch_size, autocast_ctx)
-    generate = generate or naive_generate(model, tokenizer, autocast_ctx)
+    generate = generate or engine_generate(model, tokenizer, autocast_ctx)
     return evaluate_generative(task, indices, tokenizer, generate, num_samples, max_tokens, temperature, top_k, seed)
 
 
