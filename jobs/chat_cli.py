@@ -1,0 +1,92 @@
+"""
+Chat with a trained model in the terminal, tokens streamed as they are generated.
+
+    python jobs/chat_cli.py                          # multi-turn with the latest sft model of the default preset
+    python jobs/chat_cli.py -p "Why is the sky blue?"  # one answer, then exit
+    python jobs/chat_cli.py --stage mid --preset cpu --temperature 0.8 --top-k 50
+
+Type `quit` or an empty line with Ctrl-D to leave, `clear` to start a new conversation.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from nanochat_ray.checkpoint import build_model_from_checkpoint
+from nanochat_ray.common import base_dir, default_device
+from nanochat_ray.config import add_config_args, config_from_args
+from nanochat_ray.engine import Engine
+from nanochat_ray.tokenizer import Tokenizer
+
+
+def reply(engine: Engine, tokenizer: Tokenizer, messages: list[dict], args: argparse.Namespace,
+          write: Callable[[str], None]) -> str:
+    """Stream one assistant answer to `write`; return its text."""
+    prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
+    tokens: list[int] = []
+    shown = ""
+    for column, _ in engine.generate(prompt, 1, max_tokens=args.max_tokens, temperature=args.temperature,
+                                     top_k=args.top_k, seed=args.seed):
+        if column[0] in stops:
+            break
+        tokens.append(column[0])
+        # decode the whole answer so far: a character may span several byte-level tokens
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):
+            write(text[len(shown):])
+            shown = text
+    return tokenizer.decode(tokens)
+
+
+def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
+         write: Callable[[str], None] = lambda s: print(s, end="", flush=True)) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default="sft")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--tokenizer-dir", type=Path, default=None, help="default: <base dir>/tokenizer")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    if not 0 <= args.temperature <= 2 or not 1 <= args.top_k <= 200 or args.max_tokens < 1:
+        parser.error("--temperature must lie in [0, 2], --top-k in [1, 200], --max-tokens ≥ 1")
+    cfg = config_from_args(args)
+    args.seed = cfg.seed
+    model, meta = build_model_from_checkpoint(args.stage, cfg.model_tag, args.step, default_device())
+    model.eval()
+    tokenizer = Tokenizer.from_directory(args.tokenizer_dir or base_dir() / "tokenizer")
+    engine = Engine(model, tokenizer)
+    messages: list[dict] = []
+    if args.prompt is not None:
+        messages = [{"role": "user", "content": args.prompt}]
+        messages.append({"role": "assistant", "content": reply(engine, tokenizer, messages, args, write)})
+        write("\n")
+        return messages
+    write(f"nanochat-ray: {args.stage} {cfg.model_tag} step {meta['step']}. `quit` to leave, `clear` to restart.\n")
+    while True:
+        try:
+            text = read("\nUser: ").strip()
+        except EOFError:
+            break
+        if text == "quit":
+            break
+        if text == "clear":
+            messages = []
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        write("Assistant: ")
+        messages.append({"role": "assistant", "content": reply(engine, tokenizer, messages, args, write)})
+        write("\n")
+    return messages
+
+
+if __name__ == "__main__":
+    main()
