@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from nanochat_ray.common import init_ray
 from nanochat_ray.config import config_from_args
 from nanochat_ray.data.download import shards_needed, start_downloads, train_and_val_shards
+from nanochat_ray.data.registry import resolve
 from nanochat_ray.train.cli import tokenizer_dir, training_parser
 from nanochat_ray.train.pretrain import pretrain
 from nanochat_ray.train.worker import check_stage
@@ -37,11 +38,13 @@ def main(argv: list[str] | None = None) -> dict:
     downloads = start_downloads(args.num_shards or shards_needed(cfg), args.data_root)
     train_shards, val_shard = train_and_val_shards(downloads.paths)
     downloads.wait()
+    core_bundle = resolve("core_eval_bundle", "all", args.data_root) if cfg.core_every > 0 else None
     data_actor_cpus = args.data_actor_cpus if args.data_actor_cpus is not None else float(args.use_gpu)
     result = pretrain(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
                       train_shards=train_shards, val_shard=val_shard, tokenizer_dir=tokenizer_dir(args),
                       resume=args.resume, fresh=args.fresh, max_failures=args.max_failures,
-                      data_actors=args.data_actors, data_actor_cpus=data_actor_cpus, fail_at_step=args.fail_at_step)
+                      data_actors=args.data_actors, data_actor_cpus=data_actor_cpus, core_bundle=core_bundle,
+                      fail_at_step=args.fail_at_step)
     print(f"done: {result['metrics']}\ncheckpoint: {result['checkpoint']}")
     return result
 

@@ -22,10 +22,9 @@ and the newest step that checks out is the one resumed.
     model_state, optim_states, meta = load_checkpoint(checkpoint_dir("base", "d20"))
 
 Several ranks on a shared file system: every rank calls save_checkpoint with its own optimizer
-state and barrier=torch.distributed.barrier. Any other directory (e.g. one handed to Ray Train's
-Checkpoint.from_directory): write_checkpoint on each rank, finalize_checkpoint on rank 0 once
-every rank's file is there (so the ranks must share that directory, or gather their optimizer
-state to rank 0 first), and install_checkpoint later to make it a step of a stage.
+state and barrier=torch.distributed.barrier. Ray Train (train/worker.py): each rank calls
+write_checkpoint into its own temp dir, rank 0 calls finalize_checkpoint with the other ranks'
+file hashes, and Ray merges the directories into the step's place in storage.
 """
 
 import dataclasses
@@ -139,21 +138,6 @@ def save_checkpoint(stage_dir: str | Path, step: int, model_state: dict | None, 
         _publish(tmp, stage_dir, step)
     barrier()
     return stage_dir / step_name(step)
-
-
-def install_checkpoint(src_dir: str | Path, stage_dir: str | Path) -> Path:
-    """Copy a complete checkpoint directory (e.g. from Ray Train's storage) into `stage_dir` as
-    the step its meta.json names, atomically, and point LATEST at it. Returns the step dir."""
-    meta = verify_checkpoint(src_dir)
-    stage_dir = Path(stage_dir)
-    tmp = stage_dir / f".tmp_{step_name(meta['step'])}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src_dir, tmp)
-    for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
-    _publish(tmp, stage_dir, meta["step"])
-    return stage_dir / step_name(meta["step"])
 
 
 def _publish(tmp: Path, stage_dir: Path, step: int) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from nanochat_ray.checkpoint import (
     LATEST_FILE, CheckpointError, build_model_from_checkpoint, checkpoint_dir, finalize_checkpoint,
-    install_checkpoint, latest_step, load_checkpoint, read_checkpoint, save_checkpoint, step_name,
+    describe_file, latest_step, load_checkpoint, read_checkpoint, save_checkpoint, step_name,
     write_checkpoint,
 )
 from nanochat_ray.gpt import GPT, GPTConfig, build_gpt
@@ -167,8 +167,8 @@ def test_optimizer_shards_per_rank(stage_dir):
         save(stage_dir, 4, rank=0, world_size=2)
 
 
-def test_any_directory_then_install(stage_dir, tmp_path):
-    # what a Ray Train worker does: write into its own dir, finalize, later install as a step
+def test_per_rank_directories_then_finalize(tmp_path):
+    # what Ray Train workers do: write into their own dirs, rank 0 finalizes with the others' hashes
     model = tiny_model()
     out = tmp_path / "ray_checkpoint"
     write_checkpoint(out, model.state_dict(), [{"lr": 0.1}])
@@ -180,9 +180,14 @@ def test_any_directory_then_install(stage_dir, tmp_path):
     write_checkpoint(tmp_path / "bad", model.state_dict(), [{}])
     with pytest.raises(CheckpointError, match="optim_rank1"):
         finalize_checkpoint(tmp_path / "bad", {"step": 1}, world_size=2)
-
-    save(stage_dir, 9)  # installing over an existing step replaces it
-    assert install_checkpoint(out, stage_dir) == stage_dir / step_name(9)
-    assert latest_step(stage_dir) == 9
-    assert load_checkpoint(stage_dir)[1] == [{"lr": 0.1}]
-    assert [p.name for p in stage_dir.iterdir() if p.name.startswith(".")] == []
+    # rank 1 wrote elsewhere: its hash goes into rank 0's manifest; the merged dir verifies
+    rank1 = tmp_path / "rank1"
+    write_checkpoint(rank1, None, [{"lr": 0.2}], rank=1)
+    merged = tmp_path / "merged"
+    write_checkpoint(merged, model.state_dict(), [{"lr": 0.1}])
+    finalize_checkpoint(merged, {"step": 3}, world_size=2,
+                        other_files={"optim_rank1.pt": describe_file(rank1 / "optim_rank1.pt")})
+    with pytest.raises(CheckpointError, match="optim_rank1.pt is missing"):
+        read_checkpoint(merged, rank=1)
+    (rank1 / "optim_rank1.pt").rename(merged / "optim_rank1.pt")
+    assert read_checkpoint(merged, rank=1)[1] == [{"lr": 0.2}]

@@ -28,20 +28,21 @@ def shards(data_root):
 
 
 @pytest.fixture(scope="module")
-def run(ray_cluster, shards, smoke_tokenizer_dir, tmp_path_factory):
+def run(ray_cluster, shards, smoke_tokenizer_dir, tmp_path_factory, data_root):
     """run(name, **options) trains the smoke model under its own artifact root."""
     def run(name: str, **options) -> Path:
         root = tmp_path_factory.mktemp(name) if "artifact_root" not in options else options.pop("artifact_root")
         cfg = make_config("smoke", **options.pop("config", {}))
         pretrain(cfg, train_shards=shards[0], val_shard=shards[1], tokenizer_dir=smoke_tokenizer_dir,
-                 artifact_root=root, data_actor_cpus=0.0, **options)
+                 artifact_root=root, data_actor_cpus=0.0, core_bundle=data_root / "core_eval_bundle", **options)
         return root
     return run
 
 
 @pytest.fixture(scope="module")
 def one_worker(run) -> Path:
-    return run("one_worker", num_workers=1)
+    # CORE at the last step, on one example of each task
+    return run("one_worker", num_workers=1, config={"core_every": STEPS, "core_max_per_task": 1})
 
 
 def test_one_worker_trains_and_checkpoints(one_worker):
@@ -53,6 +54,7 @@ def test_one_worker_trains_and_checkpoints(one_worker):
     assert latest_step(stage) == STEPS
     _, _, meta = load_checkpoint(stage, load_optimizer=False)
     assert meta["train_state"]["step"] == STEPS and meta["metrics"]["val_bpb"] > 0
+    assert -1 <= meta["metrics"]["core"] <= 1
     assert meta["train_state"]["data_position"]["row"] > 0
 
 

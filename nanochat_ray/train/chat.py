@@ -28,7 +28,7 @@ from nanochat_ray.gpt import GPT
 from nanochat_ray.tasks import (ARC, GSM8K, MMLU, Identity, SimpleSpelling, SmolTalk, SpellingBee, Task,
                                 TaskMixture)
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.loop import Batches, TrainState, sum_over_workers, to_batch
+from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers, to_batch
 from nanochat_ray.train.worker import TrainSpec, check_stage, fit
 
 PREVIOUS = {"mid": "base", "sft": "mid"}
@@ -155,8 +155,8 @@ class ChatData:
             return lambda: (take(step), {"step": step + 1})
         return batches
 
-    def evaluator(self, cfg: Config, model: GPT, tokenizer: Tokenizer, rank: int, world_size: int,
-                  device: torch.device):
+    def evaluations(self, cfg: Config, model: GPT, tokenizer: Tokenizer, rank: int, world_size: int,
+                    device: torch.device) -> Periodic:
         """Val bits per byte on the assistant tokens of the validation mixture, packed; SFT adds
         quick MMLU and ARC-Easy accuracy (SPEC §9) on a few test questions, shared over workers."""
         rows_total = max(world_size, cfg.eval_tokens // cfg.seq_len)
@@ -179,7 +179,7 @@ class ChatData:
                 counts = sum_over_workers(torch.tensor([result.num_correct, result.num_total], device=device))
                 metrics[name] = (counts[0] / counts[1]).item()
             return metrics
-        return evaluate
+        return [(cfg.eval_every, evaluate)]
 
     def sample_prompts(self, tokenizer: Tokenizer) -> list[list[int]]:
         return [tokenizer.render_for_completion({"messages": [{"role": "user", "content": q},

@@ -11,7 +11,7 @@ Gradients are synced by the distributed optimizers (optim.py), not by a DDP wrap
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ class TrainState:
 Batches = Callable[[int], Callable[[], tuple[np.ndarray, dict]]]
 # report(metrics, state, save): called once per step on every worker, the same number of times
 Report = Callable[[dict, TrainState, bool], None]
+# (every N steps, evaluation returning metrics), e.g. (cfg.eval_every, val_bpb)
+Periodic = Sequence[tuple[int, Callable[[], dict]]]
 
 
 def world() -> tuple[int, int]:
@@ -67,13 +69,13 @@ def sum_over_workers(value: torch.Tensor) -> torch.Tensor:
 
 def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batches: Batches,
         report: Report, state: TrainState, num_iterations: int, peak_flops: float,
-        step_model: torch.nn.Module | None = None, evaluate: Callable[[], dict] | None = None,
-        sample: Callable[[], dict] | None = None) -> TrainState:
+        step_model: torch.nn.Module | None = None, periodic: Periodic = ()) -> TrainState:
     """Train from state.step to num_iterations; returns the final state.
 
     `step_model` is what the forward calls (e.g. the compiled model); `model` owns the weights.
-    `peak_flops` is one worker's peak, for MFU. `evaluate` (val bpb) and `sample` run every
-    cfg.eval_every / cfg.sample_every steps and at the end; their dicts join the metrics.
+    `peak_flops` is one worker's peak, for MFU. Each (every, function) of `periodic` (val bpb,
+    CORE, samples) runs every `every` steps (never when ≤ 0) and at the end; its dict joins the
+    metrics.
     """
     _, world_size = world()
     device = next(model.parameters()).device
@@ -131,8 +133,8 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
             "data_wait_fraction": waited / step_seconds, "train_seconds": state.train_seconds,
         } | ({"grad_norm": grad_norm} if grad_norm is not None else {})
         last = state.step == num_iterations
-        for every, extra in ((cfg.eval_every, evaluate), (cfg.sample_every, sample)):
-            if extra is not None and every > 0 and (state.step % every == 0 or last):
+        for every, extra in periodic:
+            if every > 0 and (state.step % every == 0 or last):
                 model.eval()
                 metrics.update(extra())
                 model.train()

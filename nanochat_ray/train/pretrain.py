@@ -18,12 +18,13 @@ import torch
 import torch.distributed as dist
 
 from nanochat_ray.common import autocast, compute_dtype, init_ray
-from nanochat_ray.config import Config
+from nanochat_ray.config import Config, ConfigError
 from nanochat_ray.data.pipeline import BatchFeeder, row_groups
+from nanochat_ray.evals import core
 from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.gpt import GPT
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.loop import Batches, TrainState, to_batch
+from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers, to_batch
 from nanochat_ray.train.worker import TrainSpec, check_stage, fit
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
@@ -56,6 +57,7 @@ class PretrainData:
     feeder: "ray.actor.ActorHandle"
     tokenizer_dir: str
     val_shard: str
+    core_bundle: str | None  # the CORE eval bundle, when cfg.core_every > 0
 
     def iterations(self, cfg: Config, model: GPT) -> int:
         return cfg.iterations(model.num_params(), model.estimate_flops())
@@ -72,14 +74,28 @@ class PretrainData:
             return lambda: ray.get(ref)
         return batches
 
-    def evaluator(self, cfg: Config, model: GPT, tokenizer: Tokenizer, rank: int, world_size: int,
-                  device: torch.device):
+    def evaluations(self, cfg: Config, model: GPT, tokenizer: Tokenizer, rank: int, world_size: int,
+                    device: torch.device) -> Periodic:
+        """Val bpb every cfg.eval_every steps; CORE (cfg.core_max_per_task examples of each task,
+        shared over the workers) every cfg.core_every steps."""
         val = val_rows(self.val_shard, tokenizer, cfg, rank, world_size)
         val_batches = [to_batch(val[i:i + cfg.device_batch_size], device)
                        for i in range(0, len(val), cfg.device_batch_size)]
         token_bytes = tokenizer.token_bytes().to(device)
         ctx = autocast(device, compute_dtype(cfg.dtype, device))
-        return lambda: {"val_bpb": evaluate_bpb(model, val_batches, token_bytes, ctx)}
+
+        def core_metric() -> dict:
+            tasks = core.load_core_tasks(self.core_bundle)
+            counts = {}
+            with torch.inference_mode(), ctx:
+                for task in tasks:
+                    mine = core.select_indices(task, cfg.core_max_per_task)[rank::world_size]
+                    local = core.evaluate_task(model, tokenizer, task, mine)
+                    counts[task.label] = sum_over_workers(torch.tensor(local, device=device)).tolist()
+            return {"core": core.core_results(tasks, counts)["core"]}
+
+        return [(cfg.eval_every, lambda: {"val_bpb": evaluate_bpb(model, val_batches, token_bytes, ctx)}),
+                (cfg.core_every if self.core_bundle else -1, core_metric)]
 
     def sample_prompts(self, tokenizer: Tokenizer) -> list[list[int]]:
         return [tokenizer.encode(prompt, prepend="<|bos|>") for prompt in SAMPLE_PROMPTS]
@@ -88,17 +104,21 @@ class PretrainData:
 def pretrain(cfg: Config, *, num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
              train_shards: list[Path], val_shard: Path, tokenizer_dir: Path, resume: bool = False,
              fresh: bool = False, max_failures: int = 2, data_actors: int = 1, data_actor_cpus: float = 0.5,
-             artifact_root: Path | None = None, fail_at_step: int | None = None) -> dict:
+             core_bundle: Path | None = None, artifact_root: Path | None = None,
+             fail_at_step: int | None = None) -> dict:
     """Run base pretraining with Ray Train; returns the final metrics and checkpoint path.
 
     Every input is checked before Ray starts (a local Ray is started when none is running).
+    `core_bundle` (the DCLM eval bundle directory) is needed when cfg.core_every > 0.
     """
     stage_dir = check_stage(cfg, "base", tokenizer_dir, num_workers, resume, fresh, artifact_root)
     row_groups(train_shards + [val_shard])  # a missing or corrupt shard fails here, by name
+    if cfg.core_every > 0 and core_bundle is None:
+        raise ConfigError("core_every > 0 needs the CORE eval bundle (core_bundle); or pass --core-every -1")
     init_ray()
     feeder = BatchFeeder.remote([str(p) for p in train_shards], str(tokenizer_dir), cfg.seq_len,
                                 data_actors, data_actor_cpus)
-    data = PretrainData(feeder, str(tokenizer_dir), str(val_shard))
+    data = PretrainData(feeder, str(tokenizer_dir), str(val_shard), str(core_bundle) if core_bundle else None)
     try:
         return fit(TrainSpec("base", cfg, stage_dir, data, resume=resume, fail_at_step=fail_at_step),
                    num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,

@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import ray
 import ray.train
@@ -37,7 +37,7 @@ from nanochat_ray.config import Config, ConfigError, validate
 from nanochat_ray.gpt import GPT, build_gpt
 from nanochat_ray.optim import build_optimizers
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.loop import Batches, TrainState, run, sample_greedy
+from nanochat_ray.train.loop import Batches, Periodic, TrainState, run, sample_greedy
 
 METRICS_LOG = "metrics.jsonl"  # one line per step, appended by rank 0 (a resumed step appears again)
 DASHBOARD_METRICS = ("loss_ema", "tokens_per_second", "mfu", "data_wait_fraction", "step", "val_bpb")
@@ -53,9 +53,9 @@ class DataSource(Protocol):
     def open(self, cfg: Config, rank: int, world_size: int, state: TrainState, device: torch.device) -> Batches:
         """Start serving this worker's rows from state.step / state.data_position."""
 
-    def evaluator(self, cfg: Config, model: GPT, tokenizer: Tokenizer, rank: int, world_size: int,
-                  device: torch.device) -> Callable[[], dict]:
-        """The periodic evaluation (e.g. val bpb) on this worker's share."""
+    def evaluations(self, cfg: Config, model: GPT, tokenizer: Tokenizer, rank: int, world_size: int,
+                    device: torch.device) -> Periodic:
+        """The periodic evaluations (val bpb every cfg.eval_every steps, ...) on this worker's share."""
 
     def sample_prompts(self, tokenizer: Tokenizer) -> list[list[int]]:
         """Token ids of the fixed prompts whose greedy continuations are printed."""
@@ -137,7 +137,7 @@ def train_worker(spec: TrainSpec) -> None:
     tokenizer = Tokenizer.from_directory(spec.data.tokenizer_dir)
     num_iterations = spec.data.iterations(cfg, model)
     batches = spec.data.open(cfg, rank, world_size, state, device)
-    evaluate = spec.data.evaluator(cfg, model, tokenizer, rank, world_size, device)
+    evaluations = spec.data.evaluations(cfg, model, tokenizer, rank, world_size, device)
     prompts = spec.data.sample_prompts(tokenizer)
 
     def sample() -> dict:
@@ -170,7 +170,7 @@ def train_worker(spec: TrainSpec) -> None:
             os._exit(1)
 
     run(cfg, model, optimizers, batches, report, state, num_iterations, peak_flops(device, dtype),
-        step_model=maybe_compile(model, cfg.compile, device), evaluate=evaluate, sample=sample)
+        step_model=maybe_compile(model, cfg.compile, device), periodic=[*evaluations, (cfg.sample_every, sample)])
 
 
 def save_and_report(metrics: dict, meta: dict, model: GPT, optimizers: list, rank: int, world_size: int) -> None:
