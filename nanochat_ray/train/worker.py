@@ -14,7 +14,6 @@ path), in the format of checkpoint.py, so every later stage loads them without R
 
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -27,7 +26,7 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from nanochat_ray.checkpoint import (checkpoint_dir, describe_file, finalize_checkpoint, latest_step, load_checkpoint,
@@ -100,8 +99,6 @@ def dashboard_gauges(stage: str) -> dict:
 
 
 def train_worker(spec: TrainSpec) -> None:
-    # Ray Train logs every report at INFO (with all metrics): our own step line says it shorter
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = spec.cfg
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -231,7 +228,10 @@ def fit(spec: TrainSpec, *, num_workers: int = 1, use_gpu: bool = False, cpus_pe
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=spec.stage_dir.name, storage_path=str(spec.stage_dir.parent),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=3)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=3),
+                             # Ray Train logs every report at INFO with all its metrics; our step
+                             # line says the same shorter
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
     return {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None}
