@@ -26,7 +26,7 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from nanochat_ray.checkpoint import (checkpoint_dir, describe_file, finalize_checkpoint, latest_step, load_checkpoint,
@@ -228,10 +228,7 @@ def fit(spec: TrainSpec, *, num_workers: int = 1, use_gpu: bool = False, cpus_pe
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=spec.stage_dir.name, storage_path=str(spec.stage_dir.parent),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=3),
-                             # Ray Train logs every report at INFO with all its metrics; our step
-                             # line says the same shorter
-                             logging_config=LoggingConfig(log_level="WARNING")),
+                             checkpoint_config=CheckpointConfig(num_to_keep=3)),
     )
     result = trainer.fit()
     return {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None}
