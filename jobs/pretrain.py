@@ -2,7 +2,7 @@
 Base-model pretraining job: Ray Data streams tokenized shards while a Ray Train TorchTrainer
 trains the GPT with DDP-style distributed optimizers across workers.
 
-    python jobs/pretrain.py --preset cpu --num-workers 2
+    python jobs/pretrain.py --preset cpu --num-workers 2 --total-batch-size 2048
     ray job submit --working-dir . -- python jobs/pretrain.py --preset d20 --num-workers 8 --use-gpu
 
 Needs a tokenizer (jobs/tokenizer.py) and the pretraining shards (downloaded or in --data-root).

@@ -1,7 +1,7 @@
 """
 Base-model pretraining: the data source of the `base` stage, and its driver.
 
-    python jobs/pretrain.py --preset cpu --num-workers 2
+    python jobs/pretrain.py --preset cpu --num-workers 2 --total-batch-size 2048
 
 The driver starts a BatchFeeder (data/pipeline.py: Ray Data tokenizes the shards on an actor
 pool while the workers train) and runs the stage with train/worker.py. Each worker asks the
