@@ -17,15 +17,16 @@ def base_dir() -> Path:
     return root
 
 
-def rank() -> int:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed; (0, 1) in a single process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def print0(*args, **kwargs) -> None:
     """print on rank 0 only, so loops need no `if rank == 0` branches."""
-    if rank() == 0:
+    if rank_world()[0] == 0:
         print(*args, **kwargs, flush=True)
 
 

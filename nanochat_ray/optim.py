@@ -30,13 +30,8 @@ be resumed with the same world size.
 import torch
 import torch.distributed as dist
 
+from nanochat_ray.common import rank_world
 from nanochat_ray.gpt import GPT
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _row_shards(rows: int, world: int) -> list[tuple[int, int]]:
@@ -83,7 +78,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _plan(self) -> list[tuple[torch.Tensor, slice, int, dict]]:
-        rank, world = _rank_world()
+        rank, world = rank_world()
         plan = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -94,7 +89,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def reduce_grads(self) -> None:
         """Start summing every gradient piece onto its owner (asynchronously)."""
-        rank, world = _rank_world()
+        rank, world = rank_world()
         self._pending = [(p, rows, owner, group,
                           dist.reduce(p.grad[rows], dst=owner, async_op=True) if world > 1 else None)
                          for p, rows, owner, group in self._plan()]
@@ -102,7 +97,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def owned_grad_sq(self) -> torch.Tensor:
         """Wait for this rank's pieces, average them; return the sum of their squares."""
-        rank, world = _rank_world()
+        rank, world = rank_world()
         total = torch.zeros((), dtype=torch.float32, device=self.param_groups[0]["params"][0].device)
         for p, rows, owner, group, work in self._pending:
             if owner == rank:
@@ -115,7 +110,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def apply(self, grad_scale: float | torch.Tensor = 1.0) -> None:
         """Update the owned pieces with grad · grad_scale, then share every piece from its owner."""
-        rank, world = _rank_world()
+        rank, world = rank_world()
         works = []
         for p, rows, owner, group, _ in self._pending:
             if owner == rank:
@@ -143,7 +138,7 @@ def step_optimizers(optimizers: list[ShardedOptimizer], max_grad_norm: float = 0
         for opt in optimizers:
             opt.apply()
         return None
-    if _rank_world()[1] > 1:
+    if rank_world()[1] > 1:
         dist.all_reduce(squares)  # each rank owns a disjoint share: the sum is the global norm²
     norm = squares.sqrt()
     scale = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # stays on the device: no sync here

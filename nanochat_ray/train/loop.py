@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat_ray.common import autocast, compute_dtype, print0
+from nanochat_ray.common import autocast, compute_dtype, print0, rank_world
 from nanochat_ray.config import Config
 from nanochat_ray.gpt import GPT
 from nanochat_ray.optim import set_muon_momentum, step_optimizers
@@ -40,12 +40,6 @@ Report = Callable[[dict, TrainState, bool], None]
 Periodic = Sequence[tuple[int, Callable[[], dict]]]
 
 
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def to_batch(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows → inputs (B, T) and targets (B, T), int64 on the device.
 
@@ -62,7 +56,7 @@ def to_batch(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def sum_over_workers(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if rank_world()[1] > 1:
         dist.all_reduce(value)
     return value
 
@@ -77,7 +71,7 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
     CORE, samples) runs every `every` steps (never when ≤ 0) and at the end; its dict joins the
     metrics.
     """
-    _, world_size = world()
+    _, world_size = rank_world()
     device = next(model.parameters()).device
     ctx = autocast(device, compute_dtype(cfg.dtype, device))
     step_model = step_model or model
