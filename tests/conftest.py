@@ -41,8 +41,9 @@ def ray_cluster():
     """One local Ray for the whole session: start-up costs seconds."""
     import ray
 
-    # logical CPUs: trainers, data actors and tasks share 2 real cores in CI
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    # logical CPUs: trainers, data actors and tasks share 2 real cores in CI. address="local":
+    # a new instance even when `ray start` has left a cluster behind for ray.init() to join.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"NANOCHAT_BASE_DIR": os.environ["NANOCHAT_BASE_DIR"]}})
     yield ray
     ray.shutdown()
