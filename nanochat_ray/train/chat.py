@@ -187,30 +187,37 @@ class ChatData:
                 for q in SAMPLE_QUESTIONS]
 
 
+def previous_checkpoint(previous: str, cfg: Config, artifact_root: Path | None = None) -> Path:
+    """The latest checkpoint of the stage a stage starts from; an error naming the job to run if
+    there is none, or if its model differs from cfg's."""
+    previous_dir = checkpoint_dir(previous, cfg.model_tag, artifact_root)
+    previous_step = latest_step(previous_dir)
+    if previous_step is None:
+        job = {"base": "jobs/pretrain.py", "mid": "jobs/midtrain.py", "sft": "jobs/sft.py"}[previous]
+        raise ConfigError(f"no {previous} checkpoint of {cfg.model_tag} in {previous_dir}: run {job} first "
+                          f"(or pass the same --preset/--depth as that run)")
+    _, _, meta = load_checkpoint(previous_dir, previous_step, load_optimizer=False)
+    if meta["model_config"] != dataclasses.asdict(cfg.gpt_config()):
+        raise ConfigError(f"the {previous} checkpoint's model {meta['model_config']} differs from this "
+                          f"config's {dataclasses.asdict(cfg.gpt_config())}: pass the same --preset and overrides "
+                          f"as that run")
+    return previous_dir / step_name(previous_step)
+
+
 def chat_train(stage: str, cfg: Config, *, tokenizer_dir: Path, data_root: str | None = None,
                num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0, resume: bool = False,
                fresh: bool = False, max_failures: int = 2, artifact_root: Path | None = None,
                fail_at_step: int | None = None) -> dict:
     """Midtrain (stage "mid", from the latest base checkpoint) or SFT (stage "sft", from mid)."""
     stage_dir = check_stage(cfg, stage, tokenizer_dir, num_workers, resume, fresh, artifact_root)
-    previous_dir = checkpoint_dir(PREVIOUS[stage], cfg.model_tag, artifact_root)
-    previous_step = latest_step(previous_dir)
-    if previous_step is None:
-        job = {"base": "jobs/pretrain.py", "mid": "jobs/midtrain.py"}[PREVIOUS[stage]]
-        raise ConfigError(f"no {PREVIOUS[stage]} checkpoint of {cfg.model_tag} in {previous_dir}: run {job} first "
-                          f"(or pass the same --preset/--depth as that run)")
-    _, _, meta = load_checkpoint(previous_dir, previous_step, load_optimizer=False)
-    if meta["model_config"] != dataclasses.asdict(cfg.gpt_config()):
-        raise ConfigError(f"the {PREVIOUS[stage]} checkpoint's model {meta['model_config']} differs from this "
-                          f"config's {dataclasses.asdict(cfg.gpt_config())}: pass the same --preset and overrides "
-                          f"as that run")
+    start_from = previous_checkpoint(PREVIOUS[stage], cfg, artifact_root)
     mirror = mirror_root(data_root)  # resolved here: workers see neither relative paths nor our environment
     mirror = str(mirror) if mirror else None
     fallbacks = Fallbacks()
     mixture = training_mixture(stage, mirror, cfg.seed, fallbacks)  # missing data fails here, before Ray
-    print(f"{stage}: {len(mixture):,} conversations, starting from {previous_dir / step_name(previous_step)}")
+    print(f"{stage}: {len(mixture):,} conversations, starting from {start_from}")
     data = ChatData(stage, str(tokenizer_dir), mirror, fallbacks.missing)
-    spec = TrainSpec(stage, cfg, stage_dir, data, resume=resume, init_from=previous_dir / step_name(previous_step),
+    spec = TrainSpec(stage, cfg, stage_dir, data, resume=resume, init_from=start_from,
                      fail_at_step=fail_at_step)
     return fit(spec, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
                max_failures=max_failures)
