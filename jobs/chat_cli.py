@@ -4,12 +4,20 @@ Chat with a trained model in the terminal, tokens streamed as they are generated
     python jobs/chat_cli.py                          # multi-turn with the latest sft model of the default preset
     python jobs/chat_cli.py -p "Why is the sky blue?"  # one answer, then exit
     python jobs/chat_cli.py --stage mid --preset cpu --temperature 0.8 --top-k 50
+    python jobs/chat_cli.py --url http://127.0.0.1:8000    # talk to the chat server (serve/app.py)
+
+With --url the answers come from the server's /v1/chat/completions (streamed); set
+NANOCHAT_API_KEY when the server requires a key.
 
 Type `quit` or an empty line with Ctrl-D to leave, `clear` to start a new conversation.
 """
 
 import argparse
+import json
+import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +50,37 @@ def reply(engine: Engine, tokenizer: Tokenizer, messages: list[dict], args: argp
     return tokenizer.decode(tokens)
 
 
+def reply_remote(url: str, messages: list[dict], args: argparse.Namespace, write: Callable[[str], None]) -> str:
+    """Stream one assistant answer from the chat server to `write`; return its text."""
+    body = {"messages": messages, "stream": True, "max_tokens": args.max_tokens, "temperature": args.temperature,
+            "top_k": args.top_k, "seed": args.seed}
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("NANOCHAT_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['NANOCHAT_API_KEY']}"
+    request = urllib.request.Request(url.rstrip("/") + "/v1/chat/completions", json.dumps(body).encode(), headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=600)
+    except urllib.error.HTTPError as error:
+        message = json.loads(error.read() or b"{}").get("error", {}).get("message", error.reason)
+        raise SystemExit(f"the server answered {error.code}: {message}") from None
+    except urllib.error.URLError as error:
+        raise SystemExit(f"cannot reach {url}: {error.reason}; is the server running (serve run serve.app:app)?") from None
+    pieces = []
+    with response:
+        for line in response:  # server-sent events: `data: {...}` lines, then `data: [DONE]`
+            data = line.decode().strip().removeprefix("data: ")
+            if not data or data == "[DONE]":
+                continue
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise SystemExit(f"the server failed mid-answer: {chunk['error']['message']}")
+            piece = chunk["choices"][0]["delta"].get("content") or ""
+            if piece:
+                write(piece)
+                pieces.append(piece)
+    return "".join(pieces)
+
+
 def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
          write: Callable[[str], None] = lambda s: print(s, end="", flush=True)) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,23 +91,34 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--tokenizer-dir", type=Path, default=None, help="default: <base dir>/tokenizer")
+    parser.add_argument("--url", default=None, help="chat server to talk to (e.g. http://127.0.0.1:8000) "
+                        "instead of loading the model here")
     add_config_args(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.temperature <= 2 or not 1 <= args.top_k <= 200 or args.max_tokens < 1:
         parser.error("--temperature must lie in [0, 2], --top-k in [1, 200], --max-tokens ≥ 1")
     cfg = config_from_args(args)
     args.seed = cfg.seed
-    model, meta = build_model_from_checkpoint(args.stage, cfg.model_tag, args.step, default_device())
-    model.eval()
-    tokenizer = Tokenizer.from_directory(args.tokenizer_dir or base_dir() / "tokenizer")
-    engine = Engine(model, tokenizer)
+    if args.url:
+        def answer(messages: list[dict]) -> str:
+            return reply_remote(args.url, messages, args, write)
+        banner = f"nanochat-ray at {args.url}"
+    else:
+        model, meta = build_model_from_checkpoint(args.stage, cfg.model_tag, args.step, default_device())
+        model.eval()
+        tokenizer = Tokenizer.from_directory(args.tokenizer_dir or base_dir() / "tokenizer")
+        engine = Engine(model, tokenizer)
+
+        def answer(messages: list[dict]) -> str:
+            return reply(engine, tokenizer, messages, args, write)
+        banner = f"nanochat-ray: {args.stage} {cfg.model_tag} step {meta['step']}"
     messages: list[dict] = []
     if args.prompt is not None:
         messages = [{"role": "user", "content": args.prompt}]
-        messages.append({"role": "assistant", "content": reply(engine, tokenizer, messages, args, write)})
+        messages.append({"role": "assistant", "content": answer(messages)})
         write("\n")
         return messages
-    write(f"nanochat-ray: {args.stage} {cfg.model_tag} step {meta['step']}. `quit` to leave, `clear` to restart.\n")
+    write(f"{banner}. `quit` to leave, `clear` to restart.\n")
     while True:
         try:
             text = read("\nUser: ").strip()
@@ -83,7 +133,7 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
             continue
         messages.append({"role": "user", "content": text})
         write("Assistant: ")
-        messages.append({"role": "assistant", "content": reply(engine, tokenizer, messages, args, write)})
+        messages.append({"role": "assistant", "content": answer(messages)})
         write("\n")
     return messages
 

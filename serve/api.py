@@ -1,0 +1,157 @@
+"""
+The OpenAI chat-completions wire format: request validation (SPEC §13 limits), error bodies,
+response and stream-chunk shapes. Plain pydantic, no Ray.
+
+    request = parse_chat_request(body_bytes)   # raises ApiError(400, ...) with the field at fault
+"""
+
+import json
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8_000
+MAX_TOTAL_CHARS = 32_000
+MAX_BODY_BYTES = 1_000_000  # 32,000 characters, JSON-escaped, fit many times over
+DEFAULT_MAX_TOKENS = 512
+
+
+class ApiError(Exception):
+    """An error the client gets as {"error": {...}} with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
+
+    def body(self) -> dict:
+        kind = {401: "authentication_error", 429: "rate_limit_error", 503: "server_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class _Strict(BaseModel):
+    # strict: "0.5" is not a temperature and true is not a token count; forbid: a misspelt
+    # field is an error, not silently ignored
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None  # accepted for compatibility, not used
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    @model_validator(mode="after")
+    def _length(self) -> "Message":
+        if len(self.text()) > MAX_MESSAGE_CHARS:
+            raise ValueError(f"content has {len(self.text()):,} characters; the limit is {MAX_MESSAGE_CHARS:,}")
+        return self
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatRequest(_Strict):
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+    model: str | None = None  # any name is accepted: this server serves one model
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 1.0
+    top_k: Annotated[int, Field(ge=1, le=200)] | None = None
+    top_p: Annotated[float, Field(ge=1, le=1)] | None = None  # only 1 (no nucleus cut): use top_k
+    max_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1, le=1)] = 1  # one choice per request
+    user: str | None = None  # accepted for compatibility, not used
+
+    @model_validator(mode="after")
+    def _total(self) -> "ChatRequest":
+        total = sum(len(m.text()) for m in self.messages)
+        if total > MAX_TOTAL_CHARS:
+            raise ValueError(f"the messages have {total:,} characters in total; the limit is {MAX_TOTAL_CHARS:,}")
+        return self
+
+    def conversation(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def token_budget(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body of {len(body):,} bytes; the limit is {MAX_BODY_BYTES:,}")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object with at least `messages`")
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = f"unrecognized request argument: {param}"
+        elif param and param.split(".")[0] == "top_p":
+            message = "top_p other than 1 is not supported; use top_k"
+        elif param == "n":
+            message = "n must be 1: one choice per request"
+        raise ApiError(400, f"{param}: {message}" if param else message, param=param) from None
+
+
+# -----------------------------------------------------------------------------
+# responses
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(id_: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+               completion_tokens: int) -> dict:
+    return {"id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk(id_: str, model: str, delta: dict, finish_reason: str | None = None,
+          usage_: dict | None = None) -> str:
+    """One server-sent event of a streamed completion."""
+    body = {"id": id_, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return sse(body)
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"

@@ -1,0 +1,181 @@
+"""
+Continuous batching for one model replica: requests join and leave a shared DecodeBatch between
+steps, and one decode loop advances all of them with one forward per step.
+
+    batcher = Batcher(model, tokenizer, max_batch=32, max_queue=64)
+    async for token_ids in batcher.stream(prompt_ids, Sampling(max_tokens=64)): ...
+
+Plain asyncio around the engine (no Ray), so it runs and tests in one process. The forward runs
+in a worker thread, so the event loop keeps streaming tokens, accepting requests and noticing
+disconnects while the model computes. Only the loop task touches the DecodeBatch: a client that
+leaves is recorded and its row removed before the next step.
+"""
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from nanochat_ray.engine import DecodeBatch, Generated
+from nanochat_ray.gpt import GPT
+from nanochat_ray.tokenizer import Tokenizer
+
+
+class Overloaded(Exception):
+    """The waiting queue is full; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, waiting: int, retry_after: int = 1):
+        super().__init__(f"server busy: {waiting} requests already waiting for a free slot")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 42
+
+
+_END = object()  # queued after a request's last token
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt: list[int]
+    sampling: Sampling
+    tokens: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then _END or an exception
+    row_id: int | None = None
+    gone: bool = False  # the consumer stopped listening
+
+
+class Batcher:
+    """Owns one DecodeBatch and the loop that steps it.
+
+    `max_batch` rows decode together; up to `max_queue` more requests wait for a free row, and
+    one more is refused with Overloaded. `on_step(batch_size)` is called after every step
+    (metrics).
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int, max_queue: int,
+                 device_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 on_step: Callable[[int], None] = lambda n: None):
+        self.batch = DecodeBatch(model, tokenizer, max_rows=max_batch, seq_len=model.config.sequence_len)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.device_context, self.on_step = device_context, on_step
+        self.waiting: deque[_Request] = deque()
+        self.live: dict[int, _Request] = {}  # row id → request, for rows whose client listens
+        self.leaving: list[int] = []  # rows whose client left; removed before the next step
+        self.steps = 0
+        self.tokens_generated = 0
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode")
+
+    def stats(self) -> dict:
+        return {"active": len(self.live), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                "max_queue": self.max_queue, "steps": self.steps, "tokens_generated": self.tokens_generated}
+
+    async def stream(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[list[int]]:
+        """The request's token ids as they are produced.
+
+        The first item is [] as soon as the request is queued (or Overloaded is raised), so a
+        server can answer 429 before it commits to a stream. Then each item holds every token
+        that arrived since the previous one (a slow reader gets bigger pieces, not a backlog).
+        The terminal token, when the row ends with one, is the last id. Closing the iterator
+        frees the request's row before the next step.
+        """
+        if len(self.waiting) >= self.max_queue:
+            raise Overloaded(len(self.waiting))
+        request = _Request(prompt, sampling)
+        self.waiting.append(request)
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.create_task(self._run())
+        self._wake.set()
+        try:
+            yield []
+            while True:
+                items = [await request.tokens.get()]
+                while not request.tokens.empty():
+                    items.append(request.tokens.get_nowait())
+                ended = items[-1] is _END or isinstance(items[-1], BaseException)
+                tokens = items[:-1] if ended else items
+                if tokens:
+                    yield tokens
+                if isinstance(items[-1], BaseException):
+                    raise items[-1]
+                if ended:
+                    return
+        finally:
+            self._leave(request)
+
+    def _leave(self, request: _Request) -> None:
+        request.gone = True
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request.row_id in self.live:
+            del self.live[request.row_id]
+            self.leaving.append(request.row_id)
+
+    # -------------------------------------------------------------------------
+    # the decode loop
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.waiting and not self.live:
+                self._wake.clear()
+                await self._wake.wait()
+            for row_id in self.leaving:
+                self.batch.remove(row_id)
+            self.leaving.clear()
+            joining = []
+            while self.waiting and len(self.batch) + len(joining) < self.max_batch:
+                joining.append(self.waiting.popleft())
+            try:
+                row_ids, out = await loop.run_in_executor(self._executor, self._step, joining)
+            except Exception as error:  # a failed forward ends every request in it, not the server
+                self._fail_all(joining, error)
+                continue
+            for request, row_id in zip(joining, row_ids):
+                request.row_id = row_id
+                self.live[row_id] = request
+                if request.gone:  # left while its prefill ran
+                    self._leave(request)
+            self._dispatch(out)
+
+    def _step(self, joining: list[_Request]) -> tuple[list[int], dict[int, Generated]]:
+        """Worker thread: prefill the newcomers, then one decode step for every row."""
+        with self.device_context():
+            row_ids = []
+            for r in joining:
+                s = r.sampling
+                row_ids += self.batch.add(r.prompt, 1, s.max_tokens, s.temperature, s.top_k, s.seed)
+            n = len(self.batch)
+            out = self.batch.step()
+        self.on_step(n)
+        return row_ids, out
+
+    def _dispatch(self, out: dict[int, Generated]) -> None:
+        self.steps += 1
+        self.tokens_generated += len(out)
+        for row_id, generated in out.items():
+            request = self.live.get(row_id)
+            if request is None:  # its client left during this step
+                if generated.done:  # the step already dropped the row
+                    self.leaving.remove(row_id)
+                continue
+            request.tokens.put_nowait(generated.token)
+            if generated.done:
+                request.tokens.put_nowait(_END)
+                del self.live[row_id]
+
+    def _fail_all(self, joining: list[_Request], error: Exception) -> None:
+        for request in [*joining, *self.live.values()]:
+            request.tokens.put_nowait(error)
+        self.live.clear()
+        self.leaving.clear()
+        for row in list(self.batch.rows):
+            self.batch.remove(row.id)

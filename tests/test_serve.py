@@ -1,0 +1,285 @@
+"""The chat server on Ray Serve: OpenAI SDK round trips, validation, overload, disconnects,
+batching that does not change results, the CLI client, the web page in a real browser.
+
+One server for the module (session Ray cluster, 127.0.0.1, a free port), a smoke-size model with
+random weights: these tests are about the server, not the answers.
+"""
+
+import dataclasses
+import importlib.util
+import os
+import shutil
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from nanochat_ray.checkpoint import build_model_from_checkpoint, checkpoint_dir, save_checkpoint
+from nanochat_ray.config import make_config
+from nanochat_ray.engine import Engine
+from nanochat_ray.gpt import build_gpt
+from nanochat_ray.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the `serve` package lives at the checkout root, not in the install
+API_KEY = "test-key"
+CONTEXT = 256
+MAX_BATCH, MAX_QUEUE = 4, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _save_model(root: Path, tokenizer_dir: Path) -> None:
+    shutil.copytree(tokenizer_dir, root / "tokenizer")
+    cfg = make_config("smoke", seq_len=CONTEXT, total_batch_size=2 * CONTEXT)
+    torch.manual_seed(0)
+    model = build_gpt(cfg.gpt_config())
+    tokenizer = Tokenizer.from_directory(tokenizer_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.3)
+        # a zero logit among spread-out ones is practically never drawn: answers run to
+        # max_tokens, so tests control how long a request holds its row
+        for name in ("<|assistant_end|>", "<|bos|>"):
+            model.lm_head.weight[tokenizer.encode_special(name)] = 0
+    save_checkpoint(checkpoint_dir("sft", cfg.model_tag, root), 1, model.state_dict(), None,
+                    {"model_config": dataclasses.asdict(cfg.gpt_config())})
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, smoke_tokenizer_dir, tmp_path_factory):
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+
+    root = tmp_path_factory.mktemp("serve_root")
+    _save_model(root, smoke_tokenizer_dir)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    os.environ["NANOCHAT_API_KEY"] = API_KEY  # read by build_app
+    try:
+        app = build_app(AppArgs(stage="sft", model_tag="d2", root=str(root), max_batch=MAX_BATCH,
+                                max_queue=MAX_QUEUE))
+    finally:
+        del os.environ["NANOCHAT_API_KEY"]
+    serve.run(app, name="nanochat", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "root": root}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client:
+        yield client
+
+
+def _chat(**fields) -> dict:
+    return {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8, **fields}
+
+
+def _stats(http) -> dict:
+    return http.get("/stats").json()
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_openai_sdk_round_trip_matches_the_engine(server, smoke_tokenizer_dir):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server["url"] + "/v1", api_key=API_KEY)
+    [model] = client.models.list().data
+    assert model.id == "nanochat-sft-d2-step1"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+    whole = client.chat.completions.create(model=model.id, messages=messages, max_tokens=20, temperature=1.0,
+                                           seed=11)
+    pieces = list(client.chat.completions.create(model=model.id, messages=messages, max_tokens=20,
+                                                 temperature=1.0, seed=11, stream=True))
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 20
+    streamed = "".join(p.choices[0].delta.content or "" for p in pieces)
+    assert streamed == whole.choices[0].message.content and len(pieces) > 3
+    assert pieces[-1].choices[0].finish_reason == "length" and pieces[-1].usage.total_tokens == whole.usage.total_tokens
+
+    # the same answer as the engine in this process, from the same checkpoint and seed
+    local, _ = build_model_from_checkpoint("sft", "d2", root=server["root"])
+    tokenizer = Tokenizer.from_directory(smoke_tokenizer_dir)
+    prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    [ids], _ = Engine(local.eval(), tokenizer).generate_batch(prompt, max_tokens=20, temperature=1.0, seed=11)
+    assert whole.usage.prompt_tokens == len(prompt)
+    assert whole.choices[0].message.content == tokenizer.decode(ids[len(prompt):])
+
+
+@pytest.mark.parametrize("body, param, words", [
+    (b"{not json", None, "not valid JSON"),
+    ({"max_tokens": 5}, "messages", "required"),
+    (_chat(messages=[]), "messages", "at least 1"),
+    (_chat(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] * 250
+           + [{"role": "user", "content": "x"}]), "messages", "at most 500"),
+    (_chat(messages=[{"role": "user", "content": "x" * 8001}]), "messages.0", "8,000"),
+    (_chat(messages=[{"role": "user", "content": "x" * 7000}, {"role": "assistant", "content": "y" * 7000}] * 2
+           + [{"role": "user", "content": "z" * 5000}]), None, "32,000"),
+    (_chat(messages=[{"role": "robot", "content": "x"}]), "messages.0.role", "user"),
+    (_chat(messages=[{"role": "user", "content": 5}]), "messages.0.content", "string"),
+    (_chat(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), "messages", "alternate"),
+    (_chat(temperature=2.5), "temperature", "less than or equal to 2"),
+    (_chat(temperature="0.5"), "temperature", "number"),
+    (_chat(top_k=0), "top_k", "greater than or equal to 1"),
+    (_chat(top_k=201), "top_k", "less than or equal to 200"),
+    (_chat(max_tokens=0), "max_tokens", "greater than or equal to 1"),
+    (_chat(max_tokens=4097), "max_tokens", "less than or equal to 4096"),
+    (_chat(top_p=0.9), "top_p", "use top_k"),
+    (_chat(n=2), "n", "n must be 1"),
+    (_chat(frobnicate=1), "frobnicate", "unrecognized"),
+])
+def test_each_invalid_request_gets_400_with_an_openai_error_body(http, body, param, words):
+    response = (http.post("/v1/chat/completions", content=body) if isinstance(body, bytes)
+                else http.post("/v1/chat/completions", json=body))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and words in error["message"], error
+    assert error["param"] == param or (param and error["param"].startswith(param)), error
+
+
+def test_prompt_longer_than_the_context_names_the_numbers(http):
+    response = http.post("/v1/chat/completions", json=_chat(messages=[{"role": "user", "content": "word " * 400}]))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and f"context is {CONTEXT} tokens" in error["message"]
+
+
+def test_api_key_is_required(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.post(server["url"] + "/v1/chat/completions", json=_chat(), headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}  # health needs no key
+
+
+def test_reference_shape_streams_tokens_then_done(http):
+    with http.stream("POST", "/chat/completions", json=_chat(max_tokens=6, temperature=0)) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == 'data: {"done": true}' and len(events) >= 2
+
+
+def test_concurrent_requests_get_exactly_the_tokens_they_get_alone(http):
+    requests = [_chat(messages=[{"role": "user", "content": f"question {i}" * (i + 1)}], max_tokens=30,
+                      temperature=1.0, top_k=[None, 5, 50, None][i], seed=100 + i) for i in range(4)]
+
+    def ask(body):
+        response = http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    steps = _stats(http)["steps"]
+    alone = [ask(body) for body in requests]
+    steps_alone = _stats(http)["steps"] - steps
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(ask, requests))
+    steps_together = _stats(http)["steps"] - steps - steps_alone
+    assert together == alone
+    assert steps_alone == 4 * 30 and steps_together < 3 * 30  # rows really shared steps
+
+
+def test_overload_gives_429_with_retry_after_and_the_server_keeps_serving(http):
+    def ask(_):
+        return http.post("/v1/chat/completions", json=_chat(max_tokens=200, temperature=0))
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(ask, range(12)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 429} and codes.count(200) >= MAX_BATCH + MAX_QUEUE, codes
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_error"
+    assert http.post("/v1/chat/completions", json=_chat()).status_code == 200
+
+
+def test_a_client_that_disconnects_frees_its_row(http):
+    before = _stats(http)
+    with http.stream("POST", "/v1/chat/completions", json=_chat(max_tokens=240, stream=True)) as response:
+        next(response.iter_lines())
+        assert _stats(http)["active"] == 1
+    deadline = time.time() + 10
+    while (stats := _stats(http))["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert stats["active"] == 0 and stats["waiting"] == 0
+    assert stats["tokens_generated"] - before["tokens_generated"] < 240  # stopped before the budget ran out
+
+
+def test_chat_cli_talks_to_the_server(server, http, monkeypatch):
+    spec = importlib.util.spec_from_file_location("chat_cli", ROOT / "jobs" / "chat_cli.py")
+    chat_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chat_cli)
+    monkeypatch.setenv("NANOCHAT_API_KEY", API_KEY)
+    pieces = []
+    messages = chat_cli.main(["--url", server["url"], "-p", "hello there", "--max-tokens", "8", "--temperature", "0"],
+                             write=pieces.append)
+    expected = http.post("/v1/chat/completions", json=_chat(temperature=0)).json()["choices"][0]["message"]["content"]
+    assert messages[-1] == {"role": "assistant", "content": expected}
+    assert "".join(pieces) == expected + "\n" and len(pieces) > 2
+
+
+# -----------------------------------------------------------------------------
+# the web page in a real headless browser
+
+
+def _browser():
+    """Headless Chromium through its driver, or None with the reason."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        return None, "chromium or chromedriver not found (Debian: apt-get install chromium chromium-driver)"
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        return None, "selenium is not installed (pip install selenium)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options), None
+
+
+def test_web_page_streams_a_multi_turn_chat_in_a_real_browser(server):
+    browser, reason = _browser()
+    if browser is None:
+        print(f"SKIP browser test: {reason}")
+        pytest.skip(reason)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        browser.get(server["url"] + "/")
+        browser.execute_script(f"localStorage.setItem('nanochat_api_key', '{API_KEY}')")
+        browser.get(server["url"] + "/")
+        wait = WebDriverWait(browser, 30, poll_frequency=0.05)
+        wait.until(lambda b: b.find_element(By.ID, "model").text.startswith("nanochat-sft-d2"))
+        # record every length the answer bubble takes, to see it grow while the stream runs
+        browser.execute_script("""
+            window.lengths = [];
+            new MutationObserver(() => {
+              const bubbles = document.querySelectorAll('.assistant');
+              if (bubbles.length) window.lengths.push(bubbles[bubbles.length - 1].textContent.length);
+            }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});""")
+        for turn, question in enumerate(["hello", "and again"]):
+            browser.find_element(By.ID, "input").send_keys(question)
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant")) == turn + 1
+                       and b.find_element(By.ID, "send").is_enabled())
+        answers = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".assistant")]
+        assert all(answers) and not browser.find_elements(By.CSS_SELECTOR, ".error"), answers
+        assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".user")] == ["hello", "and again"]
+        assert len(set(browser.execute_script("return window.lengths"))) > 3  # grew piece by piece
+        browser.find_element(By.ID, "new-chat").click()
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+    finally:
+        browser.quit()
