@@ -290,7 +290,8 @@ def build_app(args: dict | AppArgs) -> serve.Application:
         num_replicas=args.num_replicas,
         # our own queue answers 429 when full, so Serve must let that many requests in
         max_ongoing_requests=args.max_batch + args.max_queue + 8,
-XX
+        # Serve's router queue: requests being assigned count too, so leave room beyond ours
+        max_queued_requests=args.max_batch + args.max_queue,
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
     ).bind(args)
     return ChatAPI.bind(model, os.environ.get("NANOCHAT_API_KEY"))
