@@ -105,11 +105,12 @@ def pretrain(cfg: Config, *, num_workers: int = 1, use_gpu: bool = False, cpus_p
              train_shards: list[Path], val_shard: Path, tokenizer_dir: Path, resume: bool = False,
              fresh: bool = False, max_failures: int = 2, data_actors: int = 1, data_actor_cpus: float = 0.5,
              core_bundle: Path | None = None, artifact_root: Path | None = None,
-             fail_at_step: int | None = None) -> dict:
+             fail_at_step: int | None = None, callbacks: list | None = None) -> dict:
     """Run base pretraining with Ray Train; returns the final metrics and checkpoint path.
 
     Every input is checked before Ray starts (a local Ray is started when none is running).
-    `core_bundle` (the DCLM eval bundle directory) is needed when cfg.core_every > 0.
+    `core_bundle` (the DCLM eval bundle directory) is needed when cfg.core_every > 0. `callbacks`
+    go to Ray Train's RunConfig (jobs/sweep.py forwards each report to Tune this way).
     """
     stage_dir = check_stage(cfg, "base", tokenizer_dir, num_workers, resume, fresh, artifact_root)
     row_groups(train_shards + [val_shard])  # a missing or corrupt shard fails here, by name
@@ -122,6 +123,6 @@ def pretrain(cfg: Config, *, num_workers: int = 1, use_gpu: bool = False, cpus_p
     try:
         return fit(TrainSpec("base", cfg, stage_dir, data, resume=resume, fail_at_step=fail_at_step),
                    num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
-                   max_failures=max_failures)
+                   max_failures=max_failures, callbacks=callbacks)
     finally:
         ray.kill(feeder)

@@ -219,8 +219,11 @@ def check_stage(cfg: Config, stage: str, tokenizer_dir: Path, num_workers: int =
 
 
 def fit(spec: TrainSpec, *, num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
-        max_failures: int = 2) -> dict:
-    """Run one training stage on Ray Train; returns the final metrics and checkpoint path."""
+        max_failures: int = 2, callbacks: list | None = None) -> dict:
+    """Run one training stage on Ray Train; returns the final metrics and checkpoint path.
+
+    `callbacks` go to the RunConfig (e.g. Tune's TuneReportCallback when a sweep runs the stage).
+    """
     init_ray()
     resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
@@ -228,7 +231,7 @@ def fit(spec: TrainSpec, *, num_workers: int = 1, use_gpu: bool = False, cpus_pe
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=spec.stage_dir.name, storage_path=str(spec.stage_dir.parent),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=3)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=3), callbacks=callbacks),
     )
     result = trainer.fit()
     return {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None}
