@@ -1,0 +1,257 @@
+"""
+The RL driver (SPEC §10): one learner actor, a pool of rollout actors, on-policy steps.
+
+    rl_train(cfg, RLOptions(), tokenizer_dir=..., data_root=...)     # python jobs/rl.py
+
+Each step:
+  1. the learner's weights are published once (one ray.put per version) and loaded by every
+     rollout actor;
+  2. the step's questions are dealt to the actors in calls of a few questions each; every call
+     samples num_samples completions per question (temperature 1, top-k 50, tool use on) and
+     scores them where it samples;
+  3. each call's result goes straight from its actor to the learner, which turns it into
+     gradient as soon as it lands, while later calls are still sampling (overlap 1, below);
+  4. the learner divides by the step's valid tokens, steps the optimizers, and the loop goes on.
+Every cfg.eval_every steps the actors measure pass@k (k = 1..eval_samples) on held-out
+questions; every cfg.save_every steps the learner checkpoints stage `rl` while the actors
+already sample the next step (overlap 2).
+
+Overlaps, and why they keep SPEC §10's on-policy semantics:
+  1. learner ← rollouts: a call's gradient depends only on its own groups (advantages are per
+     question) and on weights that do not change until step(); dividing by the step's total
+     valid tokens at the end equals normalising the whole batch at once. Calls are accumulated
+     in submission order, so the sum is the same whichever actor finishes first.
+  2. checkpoint ← next rollouts: the checkpoint holds the weights already published.
+Not overlapped: sampling step s+1 before update s lands would be off-policy (stale weights), so
+actors refuse it (StaleWeightsError) and the learner rejects rollouts of an old version.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from nanochat_ray.common import init_ray
+from nanochat_ray.config import Config, ConfigError
+from nanochat_ray.data.registry import mirror_root
+from nanochat_ray.rl.actors import LearnerActor, RolloutActor, RolloutResult
+from nanochat_ray.rl.policy import pass_at_k
+from nanochat_ray.rl.tasks import load_reward_task
+from nanochat_ray.train.chat import previous_checkpoint
+from nanochat_ray.train.worker import METRICS_LOG, check_stage, make_logger
+
+EVAL_SEED_OFFSET = 1_000_000_007  # eval samples are seeded apart from training samples
+DASHBOARD_METRICS = ("mean_reward", "rollout_tokens_per_second", "learner_seconds", "rollout_idle_fraction",
+                     "mean_sequence_length", "pass_at_1", "step")
+
+
+@dataclass(frozen=True)
+class RLOptions:
+    task: str = "gsm8k"  # gsm8k | toy (plumbing check: "answer with the number 7")
+    questions_per_step: int = 16  # SPEC §10
+    samples_per_question: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 50
+    eval_questions: int = 400  # held-out test questions for pass@k
+    eval_samples: int = 8  # pass@k for k = 1..eval_samples
+    num_rollout_actors: int = 1
+    questions_per_call: int = 0  # questions per rollout call; 0 = half an actor's share (so calls stream)
+    placement: str = "separate"  # separate: learner and rollout actors one GPU each; colocated: half each
+    cpus_per_actor: float = 1.0
+
+
+# Small presets sample little and evaluate few questions, so the plumbing runs in seconds (smoke)
+# or minutes (cpu); the GPU presets take SPEC §10 as it is. Any flag overrides.
+RL_PRESETS = {
+    "smoke": dict(questions_per_step=2, samples_per_question=4, max_new_tokens=16, eval_questions=4),
+    "cpu": dict(questions_per_step=4, samples_per_question=4, max_new_tokens=64, eval_questions=16),
+}
+RL_CONFIG = {  # Config fields of the RL stage, per preset (SPEC §10: 5% of base LRs, linear decay)
+    "smoke": dict(num_iterations=8, eval_every=4, save_every=4),
+    "cpu": dict(num_iterations=20, eval_every=10, save_every=10),
+}
+RL_CONFIG_DEFAULT = dict(num_iterations=-1, eval_every=60, save_every=60)  # -1: one epoch of GSM8K train
+
+
+def rl_config_defaults(preset: str) -> dict:
+    return dict(init_lr_frac=0.05, warmdown_ratio=1.0, final_lr_frac=0.0, **RL_CONFIG.get(preset, RL_CONFIG_DEFAULT))
+
+
+def check_options(options: RLOptions) -> None:
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+    for name in ("questions_per_step", "samples_per_question", "max_new_tokens", "num_rollout_actors"):
+        check(getattr(options, name) > 0, f"{name} must be positive, got {getattr(options, name)}")
+    check(options.questions_per_call >= 0, f"questions_per_call must be >= 0, got {options.questions_per_call}")
+    check(options.temperature > 0, f"temperature must be > 0 for RL sampling, got {options.temperature}")
+    check(options.eval_samples >= 1, f"eval_samples must be >= 1 (pass@1..k), got {options.eval_samples}")
+    check(options.placement in ("separate", "colocated"), f"placement must be separate or colocated, "
+                                                          f"got {options.placement!r}")
+
+
+# -----------------------------------------------------------------------------
+
+
+def deal(indices: list[int], seeds: list[int], num_actors: int, per_call: int) -> list[tuple[int, list, list]]:
+    """(actor, indices, seeds) calls: consecutive chunks of per_call questions, round-robin over actors."""
+    chunks = [(indices[i:i + per_call], seeds[i:i + per_call]) for i in range(0, len(indices), per_call)]
+    return [(c % num_actors, idx, sd) for c, (idx, sd) in enumerate(chunks)]
+
+
+class Rollouts:
+    """The rollout actors, the weight version they hold, and how questions are dealt to them."""
+
+    def __init__(self, actors: list, options: RLOptions):
+        self.actors, self.options, self.version = actors, options, None
+
+    def load(self, version: int, weights_ref) -> None:
+        ray.get([actor.load_weights.remote(version, weights_ref) for actor in self.actors])
+        self.version = version
+
+    def submit(self, task: str, split: str, indices: list[int], seeds: list[int], num_samples: int,
+               per_call: int) -> list:
+        o = self.options
+        return [self.actors[a].rollout.remote(self.version, task, split, idx, sd, num_samples, o.max_new_tokens,
+                                              o.temperature, o.top_k)
+                for a, idx, sd in deal(indices, seeds, len(self.actors), per_call)]
+
+    def pass_at_k(self, split: str, num_questions: int) -> dict:
+        """pass@k, k = 1..eval_samples, on the first num_questions of the split (fixed seeds)."""
+        n = self.options.eval_samples
+        indices = list(range(num_questions))
+        seeds = [EVAL_SEED_OFFSET + i * n for i in indices]
+        per_call = max(1, math.ceil(num_questions / len(self.actors)))
+        results: list[RolloutResult] = ray.get(self.submit(self.options.task, split, indices, seeds, n, per_call))
+        correct = [sum(r >= 1.0 for r in g.rewards) for result in results for g in result.groups]
+        return {f"pass_at_{k}": float(np.mean([pass_at_k(n, c, k) for c in correct])) for k in range(1, n + 1)}
+
+
+def question_order(num_examples: int, seed: int, step: int, per_step: int) -> list[int]:
+    """Step s's questions: positions [s·Q, (s+1)·Q) of a seeded shuffle, reshuffled every epoch."""
+    positions = [divmod(p, num_examples) for p in range(step * per_step, (step + 1) * per_step)]
+    orders = {e: np.random.default_rng(seed + e).permutation(num_examples) for e in {e for e, _ in positions}}
+    return [int(orders[e][i]) for e, i in positions]
+
+
+def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root: str | None = None,
+             use_gpu: bool = False, cpus_per_worker: float = 1.0, resume: bool = False, fresh: bool = False,
+             artifact_root: Path | None = None) -> dict:
+    """Train stage `rl` from the latest `sft` checkpoint; returns the last metrics and checkpoint path."""
+    check_options(options)
+    stage_dir = check_stage(cfg, "rl", tokenizer_dir, 1, resume, fresh, artifact_root)
+    start_from = previous_checkpoint("sft", cfg, artifact_root)
+    mirror = mirror_root(data_root)  # resolved here: actors see neither relative paths nor our environment
+    mirror = str(mirror) if mirror else None
+    train_task = load_reward_task(options.task, "train", mirror)  # missing data fails here, before Ray
+    eval_questions = min(options.eval_questions, len(load_reward_task(options.task, "test", mirror)))
+    Q, S = options.questions_per_step, options.samples_per_question
+    num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else max(1, len(train_task) // Q)
+    per_call = options.questions_per_call or max(1, math.ceil(Q / (2 * options.num_rollout_actors)))
+
+    init_ray()
+    launched = time.perf_counter()
+    gpus = {"num_gpus": 0.5 if options.placement == "colocated" else 1} if use_gpu else {}
+    learner = LearnerActor.options(num_cpus=cpus_per_worker, **gpus).remote(
+        cfg, str(stage_dir), str(start_from), resume, {"rl": asdict(options)})
+    actors = [RolloutActor.options(num_cpus=options.cpus_per_actor, **gpus).remote(cfg, str(tokenizer_dir), mirror)
+              for _ in range(options.num_rollout_actors)]
+    rollouts = Rollouts(actors, options)
+    started = ray.get(learner.describe.remote())
+    first_step = started["step"]
+    print(f"rl: {options.task}, {Q} questions x {S} samples per step, steps {first_step}..{num_iterations}, "
+          f"{len(actors)} rollout actor(s), starting from {started['started_from']} "
+          f"(actors up in {time.perf_counter() - launched:.1f}s)", flush=True)
+
+    logger = make_logger(cfg, "rl", 0)
+    gauges = dashboard_gauges()
+    history: list[dict] = []
+
+    def publish() -> None:
+        version, [weights] = ray.get(learner.publish.remote())
+        rollouts.load(version, weights)
+
+    def record(metrics: dict) -> None:
+        history.append(metrics)
+        logger.log(metrics, step=metrics["step"])
+        with open(stage_dir / METRICS_LOG, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for name, gauge in gauges.items():
+            if name in metrics:
+                gauge.set(metrics[name], tags={"model": cfg.model_tag})
+
+    try:
+        return _steps(cfg, options, learner, rollouts, publish, record, history, first_step, num_iterations,
+                      len(train_task), eval_questions, per_call)
+    finally:
+        for actor in [learner, *actors]:
+            ray.kill(actor)
+
+
+def _steps(cfg: Config, options: RLOptions, learner, rollouts: Rollouts, publish, record, history: list[dict],
+           first_step: int, num_iterations: int, num_train: int, eval_questions: int, per_call: int) -> dict:
+    Q, S = options.questions_per_step, options.samples_per_question
+    publish()
+    if first_step == 0 and cfg.eval_every > 0:
+        metrics = {"step": 0} | rollouts.pass_at_k("test", eval_questions)
+        print(f"step 00000 | pass@1 {metrics['pass_at_1']:.4f} | pass@{options.eval_samples} "
+              f"{metrics[f'pass_at_{options.eval_samples}']:.4f}", flush=True)
+        record(metrics)
+
+    saving, checkpoint, run_start = None, None, time.perf_counter()
+    for step in range(first_step, num_iterations):
+        start = time.perf_counter()
+        indices = question_order(num_train, cfg.seed, step, Q)
+        seeds = [cfg.seed + (step * Q + j) * S for j in range(Q)]  # reproducible, whichever actor samples
+        refs = rollouts.submit(options.task, "train", indices, seeds, S, per_call)
+        for ref in refs:  # in submission order: the gradient sum does not depend on who finishes first
+            learner.accumulate.remote(ref)
+        stats = learner.step.remote(num_iterations)
+        results: list[RolloutResult] = ray.get(refs)
+        rollout_seconds = time.perf_counter() - start
+        learner_metrics = ray.get(stats)
+        step_seconds = time.perf_counter() - start
+        publish()
+
+        rewards = [r for result in results for g in result.groups for r in g.rewards]
+        lengths = [len(t) for result in results for g in result.groups for t in g.tokens]
+        busy = sum(result.seconds for result in results)
+        num_actors = len(rollouts.actors)
+        metrics = {
+            "step": step + 1, "mean_reward": float(np.mean(rewards)), "mean_sequence_length": float(np.mean(lengths)),
+            "rollout_tokens_per_second": sum(lengths) / rollout_seconds, "rollout_seconds": rollout_seconds,
+            "rollout_idle_seconds": num_actors * step_seconds - busy,
+            "rollout_idle_fraction": 1 - busy / (num_actors * step_seconds), "step_seconds": step_seconds,
+        } | learner_metrics
+        last = step + 1 == num_iterations
+        if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last):
+            metrics |= rollouts.pass_at_k("test", eval_questions)
+        if saving is not None:
+            checkpoint = ray.get(saving)
+            saving = None
+        if last or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0):
+            saving = learner.save.remote(metrics)  # written while the next step samples
+        elapsed = time.perf_counter() - run_start
+        eta = (num_iterations - step - 1) * elapsed / (step + 1 - first_step)
+        print(f"step {step + 1:05d}/{num_iterations} | reward {metrics['mean_reward']:.3f} | "
+              f"len {metrics['mean_sequence_length']:.0f} | {metrics['rollout_tokens_per_second']:,.0f} tok/s | "
+              f"learner {metrics['learner_seconds'] * 1000:.0f} ms | idle {100 * metrics['rollout_idle_fraction']:.0f}% | "
+              f"eta {eta / 60:.1f} min" + (f" | pass@1 {metrics['pass_at_1']:.3f}" if "pass_at_1" in metrics else ""),
+              flush=True)
+        record(metrics)
+    if saving is not None:
+        checkpoint = ray.get(saving)
+    return {"metrics": history[-1] if history else {}, "checkpoint": checkpoint, "history": history}
+
+
+def dashboard_gauges() -> dict:
+    """RL metrics on the Ray dashboard (Prometheus names: letters, digits, underscores)."""
+    from ray.util.metrics import Gauge
+
+    return {name: Gauge(f"nanochat_rl_{name}", description=f"rl {name}", tag_keys=("model",))
+            for name in DASHBOARD_METRICS}

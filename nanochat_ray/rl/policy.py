@@ -1,0 +1,98 @@
+"""
+The RL arithmetic, plain torch (SPEC §10): sample groups with the engine, advantages, the loss.
+
+    groups = sample_groups(model, tokenizer, prompts, seeds, num_samples=16, max_tokens=256)
+    advantages = group_advantages(rewards)                       # reward − its question's mean
+    inputs, targets, row_advantages = policy_batch(sequences, masks, advantages)
+    loss_sum, valid = policy_loss_sum(model, inputs, targets, row_advantages)
+
+The loss is −Σ logprob(token) × advantage over the tokens the model sampled, divided by the
+number of such tokens in the whole step. Prompt tokens and the calculator's forced tokens
+(mask 0) have target −1: they are context, never trained on. No KL, no clipping: on-policy.
+"""
+
+from dataclasses import dataclass
+from math import comb
+
+import torch
+
+from nanochat_ray.engine import DecodeBatch
+from nanochat_ray.gpt import GPT
+from nanochat_ray.tokenizer import Tokenizer
+
+
+@dataclass
+class Group:
+    """num_samples completions of one prompt; tokens end with the terminal token when one was sampled."""
+    prompt: list[int]
+    tokens: list[list[int]]  # generated ids per sample
+    masks: list[list[int]]  # 1 = sampled by the model, 0 = forced by the calculator
+    rewards: list[float] | None = None
+
+    def completions(self, tokenizer: Tokenizer) -> list[str]:
+        """Decoded answers, cut before <|assistant_end|> / <|bos|>."""
+        stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
+        return [tokenizer.decode(t[:next((i for i, x in enumerate(t) if x in stops), len(t))]) for t in self.tokens]
+
+
+@torch.inference_mode()
+def sample_groups(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], seeds: list[int],
+                  num_samples: int, max_tokens: int, temperature: float = 1.0, top_k: int | None = 50) -> list[Group]:
+    """Decode every sample of every prompt together in one DecodeBatch.
+
+    Sample i of prompt j is seeded with seeds[j] + i, so it is what Engine.generate(prompts[j],
+    seed=seeds[j]) yields for row i, whatever else shares the batch.
+    """
+    longest = max(len(p) for p in prompts)
+    batch = DecodeBatch(model, tokenizer, max_rows=len(prompts) * num_samples, seq_len=longest + max_tokens)
+    groups = [Group(p, [[] for _ in range(num_samples)], [[] for _ in range(num_samples)]) for p in prompts]
+    owner = {}  # row id → (group, sample)
+    for j, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        ids = batch.add(prompt, num_samples, max_tokens, temperature, top_k, seed)
+        owner.update((row, (j, i)) for i, row in enumerate(ids))
+    while len(batch):
+        for row, generated in batch.step().items():
+            j, i = owner[row]
+            groups[j].tokens[i].append(generated.token)
+            groups[j].masks[i].append(generated.mask)
+    return groups
+
+
+def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """(questions, samples) rewards → reward minus its question's mean (no std division)."""
+    return rewards - rewards.mean(dim=-1, keepdim=True)
+
+
+def policy_batch(sequences: list[list[int]], masks: list[list[int]], advantages: list[float],
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whole sequences (prompt + completion) and their masks → inputs (B, T), targets (B, T) and
+    advantages (B,). Targets are −1 where the mask is 0 (prompt, forced tool output) and in the
+    right padding, so only sampled tokens count."""
+    longest = max(len(s) for s in sequences) - 1
+    inputs = torch.zeros(len(sequences), longest, dtype=torch.long)
+    targets = torch.full((len(sequences), longest), -1, dtype=torch.long)
+    for row, (ids, mask) in enumerate(zip(sequences, masks)):
+        if len(ids) != len(mask):
+            raise ValueError(f"sequence {row} has {len(ids)} tokens but {len(mask)} mask entries")
+        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+        inputs[row, :len(ids) - 1] = ids_t[:-1]
+        targets[row, :len(ids) - 1] = ids_t[1:].masked_fill(mask_t[1:] == 0, -1)
+    return inputs.to(device), targets.to(device), torch.tensor(advantages, dtype=torch.float32, device=device)
+
+
+def policy_loss_sum(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                    advantages: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Σ −logprob × advantage over the valid (sampled) tokens, and how many there were.
+
+    Unnormalised, so micro-batches can be summed as they arrive and the step divided by its
+    total count at the end (the same number as one big batch).
+    """
+    nll = model(inputs, targets=targets, loss_reduction="none")  # (B, T), 0 where the target is −1
+    return (nll * advantages[:, None]).sum(), int((targets >= 0).sum())
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 − C(n−c, k) / C(n, k)."""
+    if not 1 <= k <= num_samples:
+        raise ValueError(f"pass@{k} needs 1 <= k <= {num_samples} samples")
+    return 1.0 - comb(num_samples - num_correct, k) / comb(num_samples, k)
