@@ -148,9 +148,31 @@ def evals_dir() -> Path:
 
 
 def save_results(results: dict, name: str) -> Path:
-    """<base dir>/evals/<name>.json, written atomically: a reader never sees half a file."""
+    """<base dir>/evals/<name>.json, written atomically: a reader never sees half a file.
+
+    With Ray running, every number in `results` also goes to the dashboard's metrics as
+    nanochat_eval_result{eval=name, metric="core_tasks/arc_easy", ...}.
+    """
     path = evals_dir() / f"{name}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, path)
+    if ray.is_initialized():
+        from ray.util.metrics import Gauge
+
+        gauge = Gauge("nanochat_eval_result", description="evaluation results (accuracy, CORE, bpb)",
+                      tag_keys=("eval", "metric"))
+        for metric, value in numeric_leaves(results):
+            gauge.set(value, tags={"eval": name, "metric": metric})
     return path
+
+
+def numeric_leaves(results: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """("tasks/GSM8K", 0.04), ... for every number in a nested dict of results (not the texts)."""
+    leaves = []
+    for key, value in results.items():
+        if isinstance(value, dict):
+            leaves += numeric_leaves(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            leaves.append((f"{prefix}{key}", float(value)))
+    return leaves

@@ -39,7 +39,8 @@ from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, run, sample_greedy
 
 METRICS_LOG = "metrics.jsonl"  # one line per step, appended by rank 0 (a resumed step appears again)
-DASHBOARD_METRICS = ("loss_ema", "tokens_per_second", "mfu", "data_wait_fraction", "step", "val_bpb")
+DASHBOARD_METRICS = ("loss_ema", "tokens_per_second", "mfu", "data_wait_fraction", "step", "val_bpb",
+                     "core", "mmlu_acc", "arc_easy_acc")  # the evaluations during training, when a stage runs them
 
 
 class DataSource(Protocol):
