@@ -43,7 +43,10 @@ def ray_cluster():
 
     # logical CPUs: trainers, data actors and tasks share 2 real cores in CI. address="local":
     # a new instance even when `ray start` has left a cluster behind for ray.init() to join.
+    # metrics_report_interval_ms: processes push custom metrics every second, not every 10 s, so a
+    # short test run's gauges reach the metrics endpoint while it lives (tests/test_metrics.py)
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"NANOCHAT_BASE_DIR": os.environ["NANOCHAT_BASE_DIR"]}})
+             runtime_env={"env_vars": {"NANOCHAT_BASE_DIR": os.environ["NANOCHAT_BASE_DIR"]}},
+             _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
