@@ -68,6 +68,7 @@ class Batcher:
         self.waiting: deque[_Request] = deque()
         self.live: dict[int, _Request] = {}  # row id → request, for rows whose client listens
         self.leaving: list[int] = []  # rows whose client left; removed before the next step
+        self._joining: list[_Request] = []  # requests whose prefill runs in this step
         self.steps = 0
         self.tokens_generated = 0
         self._wake = asyncio.Event()
@@ -75,7 +76,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode")
 
     def stats(self) -> dict:
-        return {"active": len(self.live), "waiting": len(self.waiting), "max_batch": self.max_batch,
+        return {"active": len(self.live) + len(self._joining), "waiting": len(self.waiting), "max_batch": self.max_batch,
                 "max_queue": self.max_queue, "steps": self.steps, "tokens_generated": self.tokens_generated}
 
     async def stream(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[list[int]]:
@@ -87,7 +88,10 @@ class Batcher:
         The terminal token, when the row ends with one, is the last id. Closing the iterator
         frees the request's row before the next step.
         """
-        if len(self.waiting) >= self.max_queue:
+        # rows that are free now take requests that arrive while a step runs, before the loop
+        # moves them out of the queue
+        free_rows = self.max_batch - len(self.live) - len(self._joining)
+        if len(self.waiting) >= self.max_queue + max(free_rows, 0):
             raise Overloaded(len(self.waiting))
         request = _Request(prompt, sampling)
         self.waiting.append(request)
@@ -131,7 +135,7 @@ class Batcher:
             for row_id in self.leaving:
                 self.batch.remove(row_id)
             self.leaving.clear()
-            joining = []
+            joining = self._joining = []
             while self.waiting and len(self.batch) + len(joining) < self.max_batch:
                 joining.append(self.waiting.popleft())
             try:
@@ -139,6 +143,8 @@ class Batcher:
             except Exception as error:  # a failed forward ends every request in it, not the server
                 self._fail_all(joining, error)
                 continue
+            finally:
+                self._joining = []
             for request, row_id in zip(joining, row_ids):
                 request.row_id = row_id
                 self.live[row_id] = request
