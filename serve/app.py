@@ -22,10 +22,11 @@ import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -46,16 +47,16 @@ RETRY_AFTER_S = 1
 class AppArgs(BaseModel):
     """What `serve run serve.app:build_app key=value ...` and serve/config.yaml may set."""
 
-    stage: str = "sft"  # base | mid | sft | rl
+    stage: Literal["base", "mid", "sft", "rl"] = "sft"
     model_tag: str | None = None  # e.g. d20; default: the default preset's (d20 with a GPU, else d4)
     step: int | None = None  # checkpoint step; default: the latest
     root: str | None = None  # artifact root; default: NANOCHAT_BASE_DIR
     tokenizer_dir: str | None = None  # default: <root>/tokenizer
-    max_batch: int = 32  # rows decoded together per replica
-    max_queue: int = 64  # requests waiting for a row per replica; one more gets 429
-    num_replicas: int | str = 1  # or "auto" (autoscaling)
-    num_gpus: float = 0  # per model replica
-    num_cpus: float = 1  # per model replica (torch uses this many threads)
+    max_batch: int = Field(32, ge=1)  # rows decoded together per replica
+    max_queue: int = Field(64, ge=0)  # requests waiting for a row per replica; one more gets 429
+    num_replicas: int | Literal["auto"] = 1  # "auto": autoscaling
+    num_gpus: float = Field(0, ge=0)  # per model replica
+    num_cpus: float = Field(1, ge=0)  # per model replica (torch uses this many threads)
 
 
 # -----------------------------------------------------------------------------
