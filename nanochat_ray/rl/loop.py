@@ -73,7 +73,7 @@ RL_PRESETS = {
 }
 RL_CONFIG = {  # Config fields of the RL stage, per preset (SPEC §10: 5% of base LRs, linear decay)
     "smoke": dict(num_iterations=8, eval_every=4, save_every=4),
-    "cpu": dict(num_iterations=20, eval_every=10, save_every=10),
+    "cpu": dict(num_iterations=10, eval_every=5, save_every=5),
 }
 RL_CONFIG_DEFAULT = dict(num_iterations=-1, eval_every=60, save_every=60)  # -1: one epoch of GSM8K train
 
@@ -168,85 +168,93 @@ def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root:
           f"{len(actors)} rollout actor(s), starting from {started['started_from']} "
           f"(actors up in {time.perf_counter() - launched:.1f}s)", flush=True)
 
-    logger = make_logger(cfg, "rl", 0)
-    gauges = dashboard_gauges()
-    history: list[dict] = []
-
-    def publish() -> None:
-        version, [weights] = ray.get(learner.publish.remote())
-        rollouts.load(version, weights)
-
-    def record(metrics: dict) -> None:
-        history.append(metrics)
-        logger.log(metrics, step=metrics["step"])
-        with open(stage_dir / METRICS_LOG, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for name, gauge in gauges.items():
-            if name in metrics:
-                gauge.set(metrics[name], tags={"model": cfg.model_tag})
-
+    run = RLRun(cfg, options, stage_dir, learner, rollouts, num_iterations, len(train_task), eval_questions, per_call)
     try:
-        return _steps(cfg, options, learner, rollouts, publish, record, history, first_step, num_iterations,
-                      len(train_task), eval_questions, per_call)
+        return run.train(first_step)
     finally:
         for actor in [learner, *actors]:
             ray.kill(actor)
 
 
-def _steps(cfg: Config, options: RLOptions, learner, rollouts: Rollouts, publish, record, history: list[dict],
-           first_step: int, num_iterations: int, num_train: int, eval_questions: int, per_call: int) -> dict:
-    Q, S = options.questions_per_step, options.samples_per_question
-    publish()
-    if first_step == 0 and cfg.eval_every > 0:
-        metrics = {"step": 0} | rollouts.pass_at_k("test", eval_questions)
-        print(f"step 00000 | pass@1 {metrics['pass_at_1']:.4f} | pass@{options.eval_samples} "
-              f"{metrics[f'pass_at_{options.eval_samples}']:.4f}", flush=True)
-        record(metrics)
+class RLRun:
+    """The step loop of one run: publish, roll out, learn, evaluate, checkpoint, record."""
 
-    saving, checkpoint, run_start = None, None, time.perf_counter()
-    for step in range(first_step, num_iterations):
+    def __init__(self, cfg: Config, options: RLOptions, stage_dir: Path, learner, rollouts: Rollouts,
+                 num_iterations: int, num_train: int, eval_questions: int, per_call: int):
+        self.cfg, self.options, self.stage_dir = cfg, options, stage_dir
+        self.learner, self.rollouts = learner, rollouts
+        self.num_iterations, self.num_train = num_iterations, num_train
+        self.eval_questions, self.per_call = eval_questions, per_call
+        self.logger, self.gauges = make_logger(cfg, "rl", 0), dashboard_gauges()
+        self.history: list[dict] = []
+
+    def publish(self) -> None:
+        version, [weights] = ray.get(self.learner.publish.remote())
+        self.rollouts.load(version, weights)
+
+    def record(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        self.logger.log(metrics, step=metrics["step"])
+        with open(self.stage_dir / METRICS_LOG, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for name, gauge in self.gauges.items():
+            if name in metrics:
+                gauge.set(metrics[name], tags={"model": self.cfg.model_tag})
+
+    def step(self, step: int) -> dict:
+        """One on-policy step: rollouts of the published weights stream into the learner, which updates."""
+        Q, S = self.options.questions_per_step, self.options.samples_per_question
         start = time.perf_counter()
-        indices = question_order(num_train, cfg.seed, step, Q)
-        seeds = [cfg.seed + (step * Q + j) * S for j in range(Q)]  # reproducible, whichever actor samples
-        refs = rollouts.submit(options.task, "train", indices, seeds, S, per_call)
+        indices = question_order(self.num_train, self.cfg.seed, step, Q)
+        seeds = [self.cfg.seed + (step * Q + j) * S for j in range(Q)]  # reproducible, whichever actor samples
+        refs = self.rollouts.submit(self.options.task, "train", indices, seeds, S, self.per_call)
         for ref in refs:  # in submission order: the gradient sum does not depend on who finishes first
-            learner.accumulate.remote(ref)
-        stats = learner.step.remote(num_iterations)
+            self.learner.accumulate.remote(ref)
+        stats = self.learner.step.remote(self.num_iterations)
         results: list[RolloutResult] = ray.get(refs)
         rollout_seconds = time.perf_counter() - start
         learner_metrics = ray.get(stats)
         step_seconds = time.perf_counter() - start
-        publish()
+        self.publish()
 
         rewards = [r for result in results for g in result.groups for r in g.rewards]
         lengths = [len(t) for result in results for g in result.groups for t in g.tokens]
-        busy = sum(result.seconds for result in results)
-        num_actors = len(rollouts.actors)
-        metrics = {
+        idle = len(self.rollouts.actors) * step_seconds - sum(result.seconds for result in results)
+        return {
             "step": step + 1, "mean_reward": float(np.mean(rewards)), "mean_sequence_length": float(np.mean(lengths)),
             "rollout_tokens_per_second": sum(lengths) / rollout_seconds, "rollout_seconds": rollout_seconds,
-            "rollout_idle_seconds": num_actors * step_seconds - busy,
-            "rollout_idle_fraction": 1 - busy / (num_actors * step_seconds), "step_seconds": step_seconds,
+            "rollout_idle_seconds": idle, "rollout_idle_fraction": idle / (len(self.rollouts.actors) * step_seconds),
+            "step_seconds": step_seconds,
         } | learner_metrics
-        last = step + 1 == num_iterations
-        if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last):
-            metrics |= rollouts.pass_at_k("test", eval_questions)
+
+    def train(self, first_step: int) -> dict:
+        cfg, k = self.cfg, self.options.eval_samples
+        self.publish()
+        if first_step == 0 and cfg.eval_every > 0:  # where the policy starts
+            metrics = {"step": 0} | self.rollouts.pass_at_k("test", self.eval_questions)
+            print(f"step 00000 | pass@1 {metrics['pass_at_1']:.4f} | pass@{k} {metrics[f'pass_at_{k}']:.4f}", flush=True)
+            self.record(metrics)
+        saving, checkpoint, run_start = None, None, time.perf_counter()
+        for step in range(first_step, self.num_iterations):
+            metrics = self.step(step)
+            last = step + 1 == self.num_iterations
+            if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last):
+                metrics |= self.rollouts.pass_at_k("test", self.eval_questions)
+            if saving is not None:
+                checkpoint, saving = ray.get(saving), None
+            if last or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0):
+                saving = self.learner.save.remote(metrics)  # written while the next step samples
+            eta = (self.num_iterations - step - 1) * (time.perf_counter() - run_start) / (step + 1 - first_step)
+            print(f"step {step + 1:05d}/{self.num_iterations} | reward {metrics['mean_reward']:.3f} | "
+                  f"len {metrics['mean_sequence_length']:.0f} | {metrics['rollout_tokens_per_second']:,.0f} tok/s | "
+                  f"learner {metrics['learner_seconds'] * 1000:.0f} ms | "
+                  f"idle {100 * metrics['rollout_idle_fraction']:.0f}% | eta {eta / 60:.1f} min"
+                  + (f" | pass@1 {metrics['pass_at_1']:.3f} pass@{k} {metrics[f'pass_at_{k}']:.3f}"
+                     if "pass_at_1" in metrics else ""), flush=True)
+            self.record(metrics)
         if saving is not None:
             checkpoint = ray.get(saving)
-            saving = None
-        if last or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0):
-            saving = learner.save.remote(metrics)  # written while the next step samples
-        elapsed = time.perf_counter() - run_start
-        eta = (num_iterations - step - 1) * elapsed / (step + 1 - first_step)
-        print(f"step {step + 1:05d}/{num_iterations} | reward {metrics['mean_reward']:.3f} | "
-              f"len {metrics['mean_sequence_length']:.0f} | {metrics['rollout_tokens_per_second']:,.0f} tok/s | "
-              f"learner {metrics['learner_seconds'] * 1000:.0f} ms | idle {100 * metrics['rollout_idle_fraction']:.0f}% | "
-              f"eta {eta / 60:.1f} min" + (f" | pass@1 {metrics['pass_at_1']:.3f}" if "pass_at_1" in metrics else ""),
-              flush=True)
-        record(metrics)
-    if saving is not None:
-        checkpoint = ray.get(saving)
-    return {"metrics": history[-1] if history else {}, "checkpoint": checkpoint, "history": history}
+        return {"metrics": self.history[-1] if self.history else {}, "checkpoint": checkpoint, "history": self.history}
 
 
 def dashboard_gauges() -> dict:
