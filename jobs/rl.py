@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
                            **{f.name: getattr(args, f.name) for f in fields(RLOptions) if getattr(args, f.name) is not None}})
     cfg = config_from_args(args, lambda _: rl_config_defaults(preset))
     result = rl_train(cfg, options, tokenizer_dir=tokenizer_dir(args), data_root=args.data_root, use_gpu=args.use_gpu,
-                      cpus_per_worker=args.cpus_per_worker, resume=args.resume, fresh=args.fresh)
+                      cpus_per_worker=args.cpus_per_worker, resume=args.resume, fresh=args.fresh,
+                      max_failures=args.max_failures, fail_at_step=args.fail_at_step)
     print(f"done: {result['metrics']}\ncheckpoint: {result['checkpoint']}")
     return result
 

@@ -213,7 +213,7 @@ def job(tokenizer_dir, data_root, *flags):
                         "--data-root", str(data_root), *flags])
 
 
-def test_rl_raises_the_reward_on_a_learnable_toy_task_and_resumes(ray_cluster, sft_root, smoke_tokenizer_dir,
+def test_rl_raises_the_reward_on_a_learnable_toy_task_and_resumes_after_failures(ray_cluster, sft_root, smoke_tokenizer_dir,
                                                                  data_root):
     flags = ["--task", "toy", "--init-lr-frac", "1.0", "--questions-per-step", "4", "--samples-per-question", "8",
              "--max-new-tokens", "12", "--warmdown-ratio", "0", "--eval-every", "0", "--save-every", "4"]
@@ -230,10 +230,13 @@ def test_rl_raises_the_reward_on_a_learnable_toy_task_and_resumes(ray_cluster, s
 
     with pytest.raises(ConfigError, match="--resume"):
         job(smoke_tokenizer_dir, data_root, *flags)
-    resumed = job(smoke_tokenizer_dir, data_root, *flags, "--num-iterations", "14", "--resume")
-    assert [m["step"] for m in resumed["history"]] == [13, 14]
+    # resumes at 12; a rollout actor dies after step 13: every actor restarts from checkpoint 12
+    resumed = job(smoke_tokenizer_dir, data_root, *flags, "--num-iterations", "14", "--resume", "--fail-at-step", "13")
+    assert [m["step"] for m in resumed["history"]] == [13, 13, 14]
+    assert resumed["history"][0]["mean_reward"] == pytest.approx(resumed["history"][1]["mean_reward"])  # redone alike
+    assert resumed["checkpoint"].endswith("step_000014")
     lines = (checkpoint_dir("rl", "d1", sft_root) / METRICS_LOG).read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == list(range(1, 15))
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 14)) + [13, 14]
 
 
 def test_rl_job_on_gsm8k_smoke(ray_cluster, sft_root, smoke_tokenizer_dir, data_root):

@@ -141,8 +141,13 @@ def question_order(num_examples: int, seed: int, step: int, per_step: int) -> li
 
 def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root: str | None = None,
              use_gpu: bool = False, cpus_per_worker: float = 1.0, resume: bool = False, fresh: bool = False,
-             artifact_root: Path | None = None) -> dict:
-    """Train stage `rl` from the latest `sft` checkpoint; returns the last metrics and checkpoint path."""
+             max_failures: int = 2, artifact_root: Path | None = None, fail_at_step: int | None = None) -> dict:
+    """Train stage `rl` from the latest `sft` checkpoint; returns the last metrics and checkpoint path.
+
+    When an actor dies (a lost node, an out-of-memory kill), every actor is restarted and the run
+    resumes from the last rl checkpoint, up to max_failures times (FailureConfig's behaviour for
+    the TorchTrainer stages). fail_at_step (tests) kills a rollout actor after that step, once.
+    """
     check_options(options)
     stage_dir = check_stage(cfg, "rl", tokenizer_dir, 1, resume, fresh, artifact_root)
     start_from = previous_checkpoint("sft", cfg, artifact_root)
@@ -155,38 +160,44 @@ def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root:
     per_call = options.questions_per_call or max(1, math.ceil(Q / (2 * options.num_rollout_actors)))
 
     init_ray()
-    launched = time.perf_counter()
     gpus = {"num_gpus": 0.5 if options.placement == "colocated" else 1} if use_gpu else {}
-    learner = LearnerActor.options(num_cpus=cpus_per_worker, **gpus).remote(
-        cfg, str(stage_dir), str(start_from), resume, {"rl": asdict(options)})
-    actors = [RolloutActor.options(num_cpus=options.cpus_per_actor, **gpus).remote(cfg, str(tokenizer_dir), mirror)
-              for _ in range(options.num_rollout_actors)]
-    rollouts = Rollouts(actors, options)
-    started = ray.get(learner.describe.remote())
-    first_step = started["step"]
-    print(f"rl: {options.task}, {Q} questions x {S} samples per step, steps {first_step}..{num_iterations}, "
-          f"{len(actors)} rollout actor(s), starting from {started['started_from']} "
-          f"(actors up in {time.perf_counter() - launched:.1f}s)", flush=True)
-
-    run = RLRun(cfg, options, stage_dir, learner, rollouts, num_iterations, len(train_task), eval_questions, per_call)
-    try:
-        return run.train(first_step)
-    finally:
-        for actor in [learner, *actors]:
-            ray.kill(actor)
+    history: list[dict] = []  # every attempt's steps (a step redone after a failure appears twice)
+    for attempt in range(max_failures + 1):
+        launched = time.perf_counter()
+        learner = LearnerActor.options(num_cpus=cpus_per_worker, **gpus).remote(
+            cfg, str(stage_dir), str(start_from), resume or attempt > 0, {"rl": asdict(options)})
+        actors = [RolloutActor.options(num_cpus=options.cpus_per_actor, **gpus).remote(cfg, str(tokenizer_dir), mirror)
+                  for _ in range(options.num_rollout_actors)]
+        try:
+            started = ray.get(learner.describe.remote())
+            print(f"rl: {options.task}, {Q} questions x {S} samples per step, steps {started['step']}.."
+                  f"{num_iterations}, {len(actors)} rollout actor(s), starting from {started['started_from']} "
+                  f"(actors up in {time.perf_counter() - launched:.1f}s)", flush=True)
+            run = RLRun(cfg, options, stage_dir, learner, Rollouts(actors, options), num_iterations, len(train_task),
+                        eval_questions, per_call, history)
+            return run.train(started["step"], fail_at_step if attempt == 0 else None)
+        except ray.exceptions.RayActorError as e:
+            if attempt == max_failures:
+                raise
+            print(f"an actor died ({type(e).__name__}); restarting from the last rl checkpoint "
+                  f"(failure {attempt + 1} of at most {max_failures})", flush=True)
+        finally:
+            for actor in [learner, *actors]:
+                ray.kill(actor)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 class RLRun:
     """The step loop of one run: publish, roll out, learn, evaluate, checkpoint, record."""
 
     def __init__(self, cfg: Config, options: RLOptions, stage_dir: Path, learner, rollouts: Rollouts,
-                 num_iterations: int, num_train: int, eval_questions: int, per_call: int):
+                 num_iterations: int, num_train: int, eval_questions: int, per_call: int, history: list[dict]):
         self.cfg, self.options, self.stage_dir = cfg, options, stage_dir
         self.learner, self.rollouts = learner, rollouts
         self.num_iterations, self.num_train = num_iterations, num_train
         self.eval_questions, self.per_call = eval_questions, per_call
         self.logger, self.gauges = make_logger(cfg, "rl", 0), dashboard_gauges()
-        self.history: list[dict] = []
+        self.history = history
 
     def publish(self) -> None:
         version, [weights] = ray.get(self.learner.publish.remote())
@@ -227,7 +238,7 @@ class RLRun:
             "step_seconds": step_seconds,
         } | learner_metrics
 
-    def train(self, first_step: int) -> dict:
+    def train(self, first_step: int, fail_at_step: int | None = None) -> dict:
         cfg, k = self.cfg, self.options.eval_samples
         self.publish()
         if first_step == 0 and cfg.eval_every > 0:  # where the policy starts
@@ -252,6 +263,11 @@ class RLRun:
                   + (f" | pass@1 {metrics['pass_at_1']:.3f} pass@{k} {metrics[f'pass_at_{k}']:.3f}"
                      if "pass_at_1" in metrics else ""), flush=True)
             self.record(metrics)
+            if fail_at_step == step + 1:
+                if saving is not None:  # so the test knows which checkpoint the restart finds
+                    checkpoint, saving = ray.get(saving), None
+                print(f"injected failure: killing a rollout actor after step {step + 1}", flush=True)
+                ray.kill(self.rollouts.actors[-1])
         if saving is not None:
             checkpoint = ray.get(saving)
         return {"metrics": self.history[-1] if self.history else {}, "checkpoint": checkpoint, "history": self.history}
