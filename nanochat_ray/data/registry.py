@@ -15,9 +15,11 @@ import gzip
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -167,6 +169,9 @@ def _basename(url: str) -> str:
     return url.split("?")[0].rsplit("/", 1)[-1]
 
 
+_UNRESOLVED_HOSTS: set[str] = set()  # hosts whose name did not resolve on every attempt
+
+
 def download_file(url: str, dest: str | Path, retries: int = 5, timeout: float = 60.0) -> Path:
     """Download `url` to `dest`: into a temp file beside it, validated (a parquet file must open
     and have rows, anything else must be non-empty), then renamed. Retries with exponential
@@ -175,6 +180,11 @@ def download_file(url: str, dest: str | Path, retries: int = 5, timeout: float =
         raise ValueError("retries counts attempts and must be at least 1")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    host = urllib.parse.urlsplit(url).hostname
+    if host in _UNRESOLVED_HOSTS:
+        # an offline machine would otherwise wait out the whole backoff again for every file
+        raise DataUnavailableError(f"could not download {url}: its host {host} did not resolve earlier in this "
+                                   f"process (no network?)")
     for attempt in range(1, retries + 1):
         # a unique hidden temp name: parallel downloaders never share one, shard globs skip it
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -196,6 +206,8 @@ def download_file(url: str, dest: str | Path, retries: int = 5, timeout: float =
             time.sleep(delay)
         finally:
             Path(tmp).unlink(missing_ok=True)
+    if isinstance(error, urllib.error.URLError) and isinstance(error.reason, socket.gaierror):
+        _UNRESOLVED_HOSTS.add(host)
     raise DataUnavailableError(
         f"could not download {url} (attempts: {attempt}; last error: {error!r}).") from error
 
