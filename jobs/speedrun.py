@@ -60,6 +60,7 @@ STAGES = (
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 RL_STAGES = ("rl", "rl_eval")
+MAX_CPU_ACTORS = 8  # each evaluation actor holds a copy of the model
 
 # What the speedrun adds to each stage's command line, per preset (a --stage-args flag overrides it).
 # cpu: the whole run in ≤ 15 minutes on 2 cores (README "Speedrun" has the timings); the reference's
@@ -91,8 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stage-args", action="append", default=[], metavar="STAGE=FLAGS",
                         help='extra flags for one stage, e.g. "pretrain=--num-iterations 20 --save-every 5"')
     parser.add_argument("--num-workers", type=int, default=1, help="training workers (one per GPU)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved by each training worker")
-    parser.add_argument("--num-actors", type=int, default=1, help="evaluation actors (one per GPU)")
+    parser.add_argument("--cpus-per-worker", type=float, default=None,
+                        help="CPUs reserved by each training worker (default: on CPUs, the cluster's CPUs over the "
+                             "workers, half of them while an evaluation runs beside; with GPUs 1)")
+    parser.add_argument("--num-actors", type=int, default=None,
+                        help="evaluation actors, 1 CPU or 1 GPU each (default: on CPUs, one per cluster CPU up to "
+                             f"{MAX_CPU_ACTORS}, half as many beside training; with GPUs 1)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per training worker and eval actor")
     parser.add_argument("--data-root", default=os.environ.get("NANOCHAT_DATA"),
                         help="local mirror laid out like shared/data (env NANOCHAT_DATA)")
@@ -130,18 +135,31 @@ def config_flags(cfg: Config, preset: str) -> list[str]:
 
 
 def stage_argv(stage: Stage, args: argparse.Namespace) -> list[str]:
-    """The stage job's command line, without --resume / --fresh (which never change its result)."""
+    """What defines the stage's result: its command line without --resume / --fresh and without the
+    CPUs and actors it runs on (resource_flags), which change its speed, not its numbers."""
     argv = ["--preset", args.preset, *config_flags(args.cfg, args.preset)]
     if args.data_root:
         argv += ["--data-root", args.data_root]
     gpu = ["--use-gpu"] if args.use_gpu else []
     if stage.checkpoint:
-        argv += ["--num-workers", str(args.num_workers), "--cpus-per-worker", str(args.cpus_per_worker), *gpu]
+        argv += ["--num-workers", str(args.num_workers), *gpu]
     elif stage.job != "tokenizer":
-        argv += ["--num-actors", str(args.num_actors), *gpu]
+        argv += gpu
     if stage.evaluates:
         argv += ["--stage", stage.evaluates]
     return argv + shlex.split(STAGE_DEFAULTS.get(args.preset, {}).get(stage.name, "")) + args.extra.get(stage.name, [])
+
+
+def resource_flags(stage: Stage, args: argparse.Namespace, cluster_cpus: int, beside: bool) -> list[str]:
+    """CPUs for a training stage's workers, or eval actors: a CPU-only stage gets every CPU of the
+    cluster, or half of them when a training stage and an evaluation run side by side."""
+    share = max(1, cluster_cpus // 2) if beside else max(1, cluster_cpus)
+    if stage.checkpoint:
+        cpus = args.cpus_per_worker or (1.0 if args.use_gpu else float(max(1, share // args.num_workers)))
+        return ["--cpus-per-worker", str(cpus)]
+    if stage.job == "tokenizer":
+        return []  # the Rust trainer uses every core of the driver's machine
+    return ["--num-actors", str(args.num_actors or (1 if args.use_gpu else min(share, MAX_CPU_ACTORS)))]
 
 
 # -----------------------------------------------------------------------------
@@ -204,8 +222,9 @@ def run_job(stage: Stage, argv: list[str]) -> dict:
 
 
 class Speedrun:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, cluster_cpus: int):
         self.args = args
+        self.cluster_cpus = cluster_cpus
         self.records = records_dir()
         self.stages = [s for s in STAGES if args.rl or s.name not in RL_STAGES]
         self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
@@ -259,7 +278,13 @@ class Speedrun:
                   f"{format_headline(done['headline'])}): skipped", flush=True)
             self.summary.append({"stage": stage.name, "status": "skipped", **done})
             return
-        argv = inputs["argv"] + self.resume_flags(stage, fp)
+        later = [s for s in self.stages[self.stages.index(stage) + 1:] if self.selected(s)]
+        background = self.args.overlap and not stage.checkpoint and stage.job != "tokenizer" and bool(later)
+        if background:
+            self.wait()  # one evaluation beside training at a time
+        beside = background or (stage.checkpoint is not None and self.pending is not None)
+        argv = (inputs["argv"] + resource_flags(stage, self.args, self.cluster_cpus, beside)
+                + self.resume_flags(stage, fp))
         started_file = self.records / f"{stage.name}.started.json"
         write_json_atomic(started_file, {"fingerprint": fp, "started_at": time.time()})
         (self.records / f"{stage.name}.json").unlink(missing_ok=True)  # what reads it must run again
@@ -281,9 +306,7 @@ class Speedrun:
             self.summary.append({"status": "resumed" if record["resumed"] else "ran", **record})
             return record
 
-        later = [s for s in self.stages[self.stages.index(stage) + 1:] if self.selected(s)]
-        if self.args.overlap and not stage.checkpoint and stage.job != "tokenizer" and later:
-            self.wait()  # one evaluation beside training at a time
+        if background:
             self.pending = (stage, self.background.submit(work))
         else:
             work()
@@ -334,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     init_ray()
     start = time.time()
-    run = Speedrun(args)
+    import ray
+    run = Speedrun(args, int(ray.cluster_resources().get("CPU", 1)))
     wall = 0.0 if args.only == "report" else run.run()
     info = {"started_at": start, "wall_seconds": wall, "preset": args.preset, "argv": sys.argv[1:] if argv is None else argv,
             "model_tag": args.cfg.model_tag, "cluster_resources": cluster_resources(),
