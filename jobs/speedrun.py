@@ -142,7 +142,8 @@ def stage_argv(stage: Stage, args: argparse.Namespace) -> list[str]:
         argv += ["--data-root", args.data_root]
     gpu = ["--use-gpu"] if args.use_gpu else []
     if stage.checkpoint:
-        argv += ["--num-workers", str(args.num_workers), *gpu]
+        # the RL learner is one actor; its rollout actors come from --stage-args "rl=--num-rollout-actors N"
+        argv += ["--num-workers", str(1 if stage.name == "rl" else args.num_workers), *gpu]
     elif stage.job != "tokenizer":
         argv += gpu
     if stage.evaluates:
@@ -155,7 +156,9 @@ def resource_flags(stage: Stage, args: argparse.Namespace, cluster_cpus: int, be
     cluster, or half of them when a training stage and an evaluation run side by side."""
     share = max(1, cluster_cpus // 2) if beside else max(1, cluster_cpus)
     if stage.checkpoint:
-        cpus = args.cpus_per_worker or (1.0 if args.use_gpu else float(max(1, share // args.num_workers)))
+        # RL: half for the learner, half for the rollout actor(s), each of which reserves its own CPU
+        workers = 2 if stage.name == "rl" else args.num_workers
+        cpus = args.cpus_per_worker or (1.0 if args.use_gpu else float(max(1, share // workers)))
         return ["--cpus-per-worker", str(cpus)]
     if stage.job == "tokenizer":
         return []  # the Rust trainer uses every core of the driver's machine
@@ -199,8 +202,9 @@ def headline(stage: Stage, result: dict, cfg: Config) -> tuple[str, float | None
         return "CORE", result["core"]
     if stage.evaluates:
         return "ChatCORE", result["chatcore"]
-    metrics = final_metrics(stage, cfg)  # from disk: a resumed, finished run reports nothing new
-    for name in ("val_bpb", "reward", "loss_ema", "loss"):
+    # a resumed run that had already finished reports nothing new: then the checkpoint's metrics
+    metrics = result.get("metrics") or final_metrics(stage, cfg)
+    for name in ("val_bpb", "pass_at_1", "mean_reward", "loss_ema", "loss"):
         if name in metrics:
             return name, metrics[name]
     return "metrics", None

@@ -141,17 +141,27 @@ def plot_training(root: Path, records: dict, path: Path) -> bool:
     logs = {name: log for name, log in logs.items() if log}
     if not logs:
         return False
-    fig, (loss_ax, bpb_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    rewards = {name: [e for e in log if "mean_reward" in e] for name, log in logs.items()}
+    rewards = {name: entries for name, entries in rewards.items() if entries}
+    fig, axes = plt.subplots(1, 3 if rewards else 2, figsize=(15 if rewards else 11, 4))
+    loss_ax, bpb_ax = axes[0], axes[1]
     for name, log in logs.items():
-        loss_ax.plot([e["step"] for e in log], [e.get("loss_ema", e.get("loss")) for e in log], label=name)
+        losses = [e for e in log if "loss_ema" in e]
+        if losses:
+            loss_ax.plot([e["step"] for e in losses], [e["loss_ema"] for e in losses], label=name)
         val = [e for e in log if "val_bpb" in e]
         if val:
             bpb_ax.plot([e["step"] for e in val], [e["val_bpb"] for e in val], marker="o", label=name)
     loss_ax.set(title="training loss (EMA)", xlabel="step", ylabel="loss (nats/token)")
     bpb_ax.set(title="validation bits per byte", xlabel="step", ylabel="bpb")
-    for ax in (loss_ax, bpb_ax):
+    if rewards:
+        for name, entries in rewards.items():
+            axes[2].plot([e["step"] for e in entries], [e["mean_reward"] for e in entries], label=name)
+        axes[2].set(title="RL mean reward", xlabel="step", ylabel="reward")
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
