@@ -12,7 +12,7 @@ spec = importlib.util.spec_from_file_location("sweep_job", Path(__file__).resolv
 sweep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sweep)
 
-STEPS, EVERY, GRACE = 12, 2, 4  # ASHA rungs at steps 4 and 8; a trial that passes both reaches 12
+STEPS, EVERY, GRACE = 8, 2, 2  # ASHA rungs at steps 2 and 4; a trial that passes both reaches 8
 
 
 def test_grid_flags_are_typed_and_checked():
