@@ -119,6 +119,13 @@ def test_openai_sdk_round_trip_matches_the_engine(server, smoke_tokenizer_dir):
     assert whole.usage.prompt_tokens == len(prompt)
     assert whole.choices[0].message.content == tokenizer.decode(ids[len(prompt):])
 
+    # a stop string ends the answer just before it, with finish_reason "stop"
+    text = whole.choices[0].message.content
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    cut = client.chat.completions.create(model=model.id, messages=messages, max_tokens=20, temperature=1.0,
+                                         seed=11, stop=[stop])
+    assert cut.choices[0].message.content == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
 
 @pytest.mark.parametrize("body, param, words", [
     (b"{not json", None, "not valid JSON"),
