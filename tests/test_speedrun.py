@@ -6,6 +6,7 @@ The submissions are ordered so that the work is done about once: kill → resume
 skip all → re-run the tail.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -17,13 +18,124 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_ray.checkpoint import checkpoint_dir, latest_step
+from nanochat_ray.checkpoint import checkpoint_dir, latest_step, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "d2"  # the smoke preset's model
 PRETRAIN_STEPS = 24
 STAGES = ["tokenizer", "pretrain", "base_eval", "midtrain", "mid_eval", "sft", "sft_eval"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+spec = importlib.util.spec_from_file_location("speedrun", ROOT / "jobs" / "speedrun.py")
+speedrun = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(speedrun)
+
+
+# -----------------------------------------------------------------------------
+# the driver's decisions, with stand-in jobs (no Ray): what runs, what is skipped, resumed or moved aside
+
+
+@pytest.fixture
+def fake_jobs(monkeypatch, tmp_path):
+    """Every stage job replaced by one that records its command line and returns plausible results."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    calls = []
+
+    def run_job(stage, argv):
+        calls.append((stage.name, argv))
+        if stage.checkpoint:
+            return {"metrics": {"val_bpb": 1.5}}
+        outputs = {"tokenizer": ["tokenizer/tokenizer.json"], "base_eval": [f"evals/base_{TAG}.json", f"evals/core_{TAG}.csv"]}
+        for name in outputs.get(stage.job, [f"evals/chat_{stage.evaluates}_{TAG}.json"]):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text("{}")
+        return {"tokenizer": {"compression": {"val": 4.5}}, "base_eval": {"core": 0.1}}.get(stage.job, {"chatcore": 0.2})
+
+    monkeypatch.setattr(speedrun, "run_job", run_job)
+
+    def run(*argv: str, cpus: int = 2) -> list[str]:
+        calls.clear()
+        runner = speedrun.Speedrun(speedrun.parse_args(["--preset", "smoke", "--data-root", "/data", *argv]), cpus)
+        runner.run()
+        return sorted((name for name, _ in calls), key=STAGES.index)
+
+    return run, calls, tmp_path
+
+
+def test_done_stages_are_skipped_and_a_change_reruns_what_reads_it(fake_jobs):
+    run, calls, tmp_path = fake_jobs
+    assert run() == STAGES
+    assert run() == []
+    # base_eval's flags changed: it runs again; nothing reads its output, so nothing else does
+    assert run("--stage-args", "base_eval=--max-per-task 3") == ["base_eval"]
+    # an output gone missing: its stage runs again (and what reads it)
+    (tmp_path / "evals" / f"chat_mid_{TAG}.json").unlink()
+    assert run("--stage-args", "base_eval=--max-per-task 3") == ["mid_eval"]
+    # midtraining changed: it and everything downstream of it (not pretraining, not base_eval)
+    assert run("--stage-args", "base_eval=--max-per-task 3", "--stage-args", "midtrain=--num-iterations 3") == \
+        ["midtrain", "mid_eval", "sft", "sft_eval"]
+    # a config override reaches every stage, so all of them run again
+    assert run("--seed", "7") == STAGES
+    assert all(["--seed", "7"] == argv[argv.index("--seed"):argv.index("--seed") + 2] for _, argv in calls)
+
+
+def test_from_only_force(fake_jobs):
+    run, _, _ = fake_jobs
+    run()
+    assert run("--from", "sft") == ["sft", "sft_eval"]
+    assert run("--only", "base_eval") == ["base_eval"]
+    assert run("--force") == STAGES
+    assert run("--only", "report") == []
+
+
+def test_only_needs_its_inputs(fake_jobs):
+    run, _, _ = fake_jobs
+    with pytest.raises(speedrun.ConfigError, match="needs a finished pretrain"):
+        run("--only", "midtrain")
+
+
+def test_resources_are_not_part_of_the_fingerprint(fake_jobs):
+    run, calls, _ = fake_jobs
+    run(cpus=2)
+    assert run(cpus=16) == []
+    run("--force", cpus=2)
+    argv = dict(calls)
+    assert argv["pretrain"][-2:] == ["--cpus-per-worker", "2.0"]  # alone: every CPU
+    assert argv["midtrain"][-2:] == ["--cpus-per-worker", "1.0"]  # base_eval runs beside it
+    assert argv["base_eval"][-2:] == ["--num-actors", "1"]
+    assert argv["sft_eval"][-2:] == ["--num-actors", "2"]  # the last stage: alone
+
+
+def test_interrupted_training_resumes_and_a_changed_one_starts_fresh(fake_jobs):
+    run, calls, root = fake_jobs
+    run()
+    # midtraining was interrupted after a checkpoint: no record, a started marker with its fingerprint
+    records = root / "speedrun"
+    (records / "midtrain.json").unlink()
+    save_checkpoint(checkpoint_dir("mid", TAG, root), 2, {}, None, {"metrics": {}})
+    runner = speedrun.Speedrun(speedrun.parse_args(["--preset", "smoke", "--data-root", "/data"]), 2)
+    started = {"fingerprint": speedrun.fingerprint(runner.inputs(speedrun.BY_NAME["midtrain"]))}
+    (records / "midtrain.started.json").write_text(json.dumps(started))
+    assert run() == ["midtrain", "mid_eval", "sft", "sft_eval"]
+    assert dict(calls)["midtrain"][-1] == "--resume"
+    assert not (records / "midtrain.started.json").exists()
+    # the same leftover under another config is moved aside, never resumed into
+    (records / "midtrain.started.json").write_text(json.dumps(started))
+    assert run("--stage-args", "midtrain=--num-iterations 3")[0] == "midtrain"
+    assert dict(calls)["midtrain"][-1] == "--fresh"
+
+
+def test_rl_needs_the_flag_and_the_job(fake_jobs, monkeypatch):
+    run, _, _ = fake_jobs
+    with pytest.raises(SystemExit):
+        speedrun.parse_args(["--only", "rl"])
+    monkeypatch.setattr(speedrun, "REPO", Path("/nonexistent"))
+    with pytest.raises(SystemExit):
+        speedrun.parse_args(["--rl"])
+
+
+# -----------------------------------------------------------------------------
+# the real thing: Ray jobs on a `ray start` head
 
 
 def free_port() -> int:
