@@ -259,6 +259,9 @@ class ChatAPI:
                         yield api.chunk(id_, name, {}, event["finish_reason"],
                                         api.usage(prompt_tokens, event["completion_tokens"]))
                 yield api.sse("[DONE]")
+            except Exception as error:  # the status line is sent: the error goes in the stream
+                metric("errors").inc(tags={"code": "500"})
+                yield api.sse(api.ApiError(500, f"generation failed: {error}").body())
             finally:
                 events.cancel()  # the client left: stop the model's row now
 

@@ -55,8 +55,8 @@ class Batcher:
     """Owns one DecodeBatch and the loop that steps it.
 
     `max_batch` rows decode together; up to `max_queue` more requests wait for a free row, and
-    one more is refused with Overloaded. `on_step(batch_size)` is called after every step
-    (metrics).
+    one more is refused with Overloaded. `on_step(batch_size)` is called on the event loop after
+    every step (metrics).
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int, max_queue: int,
@@ -159,14 +159,12 @@ class Batcher:
             for r in joining:
                 s = r.sampling
                 row_ids += self.batch.add(r.prompt, 1, s.max_tokens, s.temperature, s.top_k, s.seed)
-            n = len(self.batch)
-            out = self.batch.step()
-        self.on_step(n)
-        return row_ids, out
+            return row_ids, self.batch.step()
 
     def _dispatch(self, out: dict[int, Generated]) -> None:
         self.steps += 1
-        self.tokens_generated += len(out)
+        self.tokens_generated += len(out)  # one token per row per step
+        self.on_step(len(out))
         for row_id, generated in out.items():
             request = self.live.get(row_id)
             if request is None:  # its client left during this step
