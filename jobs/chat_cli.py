@@ -61,7 +61,11 @@ def reply_remote(url: str, messages: list[dict], args: argparse.Namespace, write
     try:
         response = urllib.request.urlopen(request, timeout=600)
     except urllib.error.HTTPError as error:
-        message = json.loads(error.read() or b"{}").get("error", {}).get("message", error.reason)
+        body = error.read()
+        try:
+            message = json.loads(body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):  # not our JSON error body (a proxy in between, say)
+            message = body.decode(errors="replace")[:200] or error.reason
         raise SystemExit(f"the server answered {error.code}: {message}") from None
     except urllib.error.URLError as error:
         raise SystemExit(f"cannot reach {url}: {error.reason}; is the server running (serve run serve.app:app)?") from None
