@@ -50,7 +50,7 @@ class Scraper(threading.Thread):
                 self.seen |= samples(scrape(self.ray))
             except OSError:  # a slow answer on a busy machine: try again
                 pass
-            time.sleep(0.2)
+            time.sleep(0.5)  # gauges stay two push intervals (2 s here) after their process ends
 
     def wait_for(self, ok) -> None:
         deadline = time.monotonic() + EXPORT_WAIT

@@ -3,7 +3,8 @@ Ray Tune over base pretraining (the Ray edge of jobs/sweep.py): every trial is o
 run (train/pretrain.py: a TorchTrainer fed by the Ray Data pipeline), and ASHA stops the trials whose
 val bits per byte fall behind at a rung.
 
-    rows = sweep(cfg, {"matrix_lr": [0.01, 0.02]}, root=..., name=..., grace_period=500, **pretrain_options)
+    rows = sweep(cfg, {"matrix_lr": [0.01, 0.02]}, name="lr", root=Path("sweeps/lr"), grace_period=250,
+                 train_shards=..., val_shard=..., tokenizer_dir=...)   # + any other pretrain() option
 
 Ray 2.60 runs Train inside Tune as `Tuner(function)` whose function calls TorchTrainer.fit(); Train's
 reports reach Tune only through a callback (EvalsToTune, below).
@@ -80,7 +81,7 @@ class AbortTrainOnStop:
 
     _train_controller = None
 
-    def adopt_train_controller(self, controller) -> None:
+    def adopt_train_controller(self, controller: "ray.actor.ActorHandle") -> None:
         self._train_controller = controller
 
     def cleanup(self):
