@@ -133,7 +133,8 @@ def test_streamed_chunks_give_the_one_batch_gradient():
 
 def test_dealing_and_question_order():
     calls = deal(list(range(5)), [10, 20, 30, 40, 50], num_actors=2, per_call=2)
-    assert calls == [(0, [0, 1], [10, 20]), (1, [2, 3], [30, 40]), (0, [4], [50])]
+    assert calls == [(0, [0, 1], [10, 20]), (1, [3, 4], [40, 50]), (0, [2], [30])]
+    assert [c[1] for c in deal(list(range(3)), [0] * 3, num_actors=4, per_call=1)] == [[0], [1], [2]]
     epoch = [i for s in range(5) for i in question_order(10, 42, s, 2)]
     assert sorted(epoch) == list(range(10))  # one epoch visits every question once
     assert question_order(10, 42, 5, 2) != question_order(10, 42, 0, 2)  # the next epoch reshuffles

@@ -60,7 +60,7 @@ class RLOptions:
     eval_questions: int = 400  # held-out test questions for pass@k
     eval_samples: int = 8  # pass@k for k = 1..eval_samples
     num_rollout_actors: int = 1
-    questions_per_call: int = 0  # questions per rollout call; 0 = half an actor's share (so calls stream)
+    questions_per_call: int = 0  # questions per rollout call; 0 = half an actor's share (so results stream)
     placement: str = "separate"  # separate: learner and rollout actors one GPU each; colocated: half each
     cpus_per_actor: float = 1.0
 
@@ -99,9 +99,15 @@ def check_options(options: RLOptions) -> None:
 
 
 def deal(indices: list[int], seeds: list[int], num_actors: int, per_call: int) -> list[tuple[int, list, list]]:
-    """(actor, indices, seeds) calls: consecutive chunks of per_call questions, round-robin over actors."""
-    chunks = [(indices[i:i + per_call], seeds[i:i + per_call]) for i in range(0, len(indices), per_call)]
-    return [(c % num_actors, idx, sd) for c, (idx, sd) in enumerate(chunks)]
+    """(actor, indices, seeds) calls: each actor a balanced contiguous share, cut into calls of at most
+    per_call questions, listed round by round (every actor's first call, then the second...), which
+    is the order they finish in and so the order the learner can take them without waiting."""
+    base, extra = divmod(len(indices), num_actors)
+    bounds = [a * base + min(a, extra) for a in range(num_actors + 1)]
+    calls = [[list(range(lo, hi))[i:i + per_call] for i in range(0, hi - lo, per_call)]
+             for lo, hi in zip(bounds, bounds[1:])]
+    return [(a, [indices[i] for i in c[r]], [seeds[i] for i in c[r]])
+            for r in range(max(len(c) for c in calls)) for a, c in enumerate(calls) if r < len(c)]
 
 
 class Rollouts:
@@ -157,7 +163,8 @@ def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root:
     eval_questions = min(options.eval_questions, len(load_reward_task(options.task, "test", mirror)))
     Q, S = options.questions_per_step, options.samples_per_question
     num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else max(1, len(train_task) // Q)
-    per_call = options.questions_per_call or max(1, math.ceil(Q / (2 * options.num_rollout_actors)))
+    # by default each actor's share comes in two calls: the learner starts on the first while the second samples
+    per_call = options.questions_per_call or max(1, math.ceil(math.ceil(Q / options.num_rollout_actors) / 2))
 
     init_ray()
     gpus = {"num_gpus": 0.5 if options.placement == "colocated" else 1} if use_gpu else {}
