@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-shards", type=int, default=None, help="pretraining shards, val included")
     parser.add_argument("--data-actors", type=int, default=1, help="tokenizer actors per trial")
     args = parser.parse_args(argv)
+    if args.resume or args.fresh:
+        parser.error("--resume/--fresh do not apply to a sweep: every sweep trains in a new directory (--name)")
     base = config_from_args(args)
     grid = parse_grid(args.grid, base)
     # every trial's config is checked before Ray starts
