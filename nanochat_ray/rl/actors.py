@@ -41,10 +41,6 @@ class RolloutResult:
     groups: list[Group]  # with rewards
     seconds: float  # time the worker spent sampling and scoring
 
-    @property
-    def generated_tokens(self) -> int:
-        return sum(len(t) for g in self.groups for t in g.tokens)
-
 
 class RolloutWorker:
     """A model copy and the engine; samples groups of completions and scores them."""
