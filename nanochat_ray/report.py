@@ -278,7 +278,8 @@ def write_report(root: Path, run: dict, repo: Path) -> Path:
     price = run.get("hourly_price")
     cost = f"${price * span / 3600:,.2f} ({span / 3600:.2f} h at ${price:,.2f}/h)" if price else \
         "not estimated (pass --hourly-price)"
-    resources = ", ".join(f"{k} {_number(v)}" for k, v in run.get("cluster_resources", {}).items())
+    resources = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in run.get("cluster_resources", {}).items())
     code = code_statistics(repo)
     missing = [name for name in run["stages"] if name not in records]
 
