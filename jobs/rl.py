@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = training_parser(__doc__)
     group = parser.add_argument_group("RL (defaults from the preset: smoke and cpu sample less)")
     for f in fields(RLOptions):
-        group.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, help=FLAGS[f.name])
+        group.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, help=FLAGS[f.name],
+                           metavar=type(f.default).__name__.upper())
     args = parser.parse_args(argv)
     if args.num_workers != 1:
         parser.error("the RL learner is one actor: use --num-rollout-actors to add rollout actors")

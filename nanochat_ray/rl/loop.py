@@ -45,6 +45,7 @@ from nanochat_ray.train.chat import previous_checkpoint
 from nanochat_ray.train.worker import METRICS_LOG, check_stage, make_logger
 
 EVAL_SEED_OFFSET = 1_000_000_007  # eval samples are seeded apart from training samples
+EVAL_QUESTIONS_PER_CALL = 16  # bounds an eval call's KV cache (16 questions × eval_samples rows)
 DASHBOARD_METRICS = ("mean_reward", "rollout_tokens_per_second", "learner_seconds", "rollout_idle_fraction",
                      "mean_sequence_length", "pass_at_1", "step")
 
@@ -132,7 +133,7 @@ class Rollouts:
         n = self.options.eval_samples
         indices = list(range(num_questions))
         seeds = [EVAL_SEED_OFFSET + i * n for i in indices]
-        per_call = max(1, math.ceil(num_questions / len(self.actors)))
+        per_call = min(EVAL_QUESTIONS_PER_CALL, max(1, math.ceil(num_questions / len(self.actors))))
         results: list[RolloutResult] = ray.get(self.submit(self.options.task, split, indices, seeds, n, per_call))
         correct = [sum(r >= 1.0 for r in g.rewards) for result in results for g in result.groups]
         return {f"pass_at_{k}": float(np.mean([pass_at_k(n, c, k) for c in correct])) for k in range(1, n + 1)}
@@ -168,6 +169,8 @@ def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root:
 
     init_ray()
     gpus = {"num_gpus": 0.5 if options.placement == "colocated" else 1} if use_gpu else {}
+    warn_if_short(options.num_rollout_actors + 1, cpus_per_worker + options.num_rollout_actors * options.cpus_per_actor,
+                  gpus.get("num_gpus", 0))
     history: list[dict] = []  # every attempt's steps (a step redone after a failure appears twice)
     for attempt in range(max_failures + 1):
         launched = time.perf_counter()
@@ -192,6 +195,16 @@ def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root:
             for actor in [learner, *actors]:
                 ray.kill(actor)
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def warn_if_short(num_actors: int, cpus: float, gpus_each: float) -> None:
+    """Actors wait silently for resources the cluster lacks: say so (an autoscaler may still add them)."""
+    have = ray.cluster_resources()
+    for name, need in (("CPU", cpus), ("GPU", gpus_each * num_actors)):
+        if need > have.get(name, 0):
+            print(f"warning: the learner and rollout actors need {need:g} {name}s, the cluster has "
+                  f"{have.get(name, 0):g} now: they will wait for more (with --use-gpu, try --placement colocated "
+                  f"or fewer --num-rollout-actors)", flush=True)
 
 
 class RLRun:

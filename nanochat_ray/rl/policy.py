@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from math import comb
 
 import torch
+import torch.nn.functional as F
 
 from nanochat_ray.engine import DecodeBatch
-from nanochat_ray.gpt import GPT
+from nanochat_ray.gpt import GPT, SOFTCAP
 from nanochat_ray.tokenizer import Tokenizer
 
 
@@ -80,15 +81,21 @@ def policy_batch(sequences: list[list[int]], masks: list[list[int]], advantages:
     return inputs.to(device), targets.to(device), torch.tensor(advantages, dtype=torch.float32, device=device)
 
 
-def policy_loss_sum(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+def policy_loss_sum(model: GPT, inputs: torch.Tensor, targets: torch.Tensor,
                     advantages: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Σ −logprob × advantage over the valid (sampled) tokens, and how many there were.
 
     Unnormalised, so micro-batches can be summed as they arrive and the step divided by its
-    total count at the end (the same number as one big batch).
+    total count at the end (the same number as one big batch). The lm_head runs at the valid
+    positions only: it is most of a small model's FLOPs (vocab × width per token), and most
+    positions are prompt.
     """
-    nll = model(inputs, targets=targets, loss_reduction="none")  # (B, T), 0 where the target is −1
-    return (nll * advantages[:, None]).sum(), int((targets >= 0).sum())
+    valid = targets >= 0  # (B, T)
+    hidden = model.hidden_states(inputs)[valid]  # (N, n_embd)
+    logits = model.lm_head(hidden).float()  # (N, vocab); the same soft-capped logits as GPT.forward
+    logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+    nll = F.cross_entropy(logits, targets[valid], reduction="none")  # (N,)
+    return (nll * advantages[:, None].expand_as(targets)[valid]).sum(), int(valid.sum())
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
