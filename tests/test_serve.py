@@ -179,6 +179,11 @@ def test_reference_shape_streams_tokens_then_done(http):
 
 
 def test_concurrent_requests_get_exactly_the_tokens_they_get_alone(http):
+    # Every row samples from its own seeded stream, so batching must not change a seeded answer.
+    # Caveat (engine, not server): the batched forward is not bit-identical to a one-row forward
+    # (GEMM kernels depend on the row count, attention sums on the longest row), ~1e-5 in the
+    # logits; at a rare near-tie a draw can flip. These seeds have none in their first 30 tokens
+    # (the first flips, found in-process with staggered joins, come at tokens 49 and 186).
     requests = [_chat(messages=[{"role": "user", "content": f"question {i}" * (i + 1)}], max_tokens=30,
                       temperature=1.0, top_k=[None, 5, 50, None][i], seed=100 + i) for i in range(4)]
 
@@ -189,17 +194,22 @@ def test_concurrent_requests_get_exactly_the_tokens_they_get_alone(http):
 
     steps = _stats(http)["steps"]
     alone = [ask(body) for body in requests]
-    steps_alone = _stats(http)["steps"] - steps
-    with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(ask, requests))
-    steps_together = _stats(http)["steps"] - steps - steps_alone
+    assert _stats(http)["steps"] - steps == 4 * 30  # one row per step: really alone
+    # a long request is decoding when the four arrive, so they join a running batch
+    before = _stats(http)
+    with http.stream("POST", "/v1/chat/completions", json=_chat(max_tokens=4096, stream=True)) as anchor:
+        next(anchor.iter_lines())
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(ask, requests))
+    after = _stats(http)
+    shared = (after["tokens_generated"] - before["tokens_generated"]) - (after["steps"] - before["steps"])
     assert together == alone
-    assert steps_alone == 4 * 30 and steps_together < 3 * 30  # rows really shared steps
+    assert shared >= 30  # tokens decoded in steps with other rows: at least one whole answer
 
 
 def test_overload_gives_429_with_retry_after_and_the_server_keeps_serving(http):
     def ask(_):
-        return http.post("/v1/chat/completions", json=_chat(max_tokens=500, temperature=0))
+        return http.post("/v1/chat/completions", json=_chat(max_tokens=800, temperature=0))
 
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(ask, range(16)))
