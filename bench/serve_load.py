@@ -97,27 +97,27 @@ def percentile(values: list[float], q: float) -> float:
 # a local server to measure
 
 
-def _tokenizer_dir(data_root: Path) -> Path:
+def _tokenizer_dir(data_root: Path, scratch: Path) -> Path:
     existing = base_dir() / "tokenizer"
     if (existing / "tokenizer.json").exists():
         return existing
     import pyarrow.parquet as pq
 
-    directory = Path(tempfile.mkdtemp(prefix="serve_load_tokenizer_"))
+    directory = scratch / "tokenizer"
     print(f"no tokenizer in {existing}: training one (vocab 65,536) on shard 0 of {data_root}", flush=True)
     texts = pq.read_table(data_root / "pretrain_text" / "shard_00000.parquet", columns=["text"]).column("text")
     Tokenizer.train_from_iterator(texts.to_pylist(), vocab_size=65536, max_chars=200_000_000).save(directory)
     return directory
 
 
-def start_server(args: argparse.Namespace) -> str:
+def start_server(args: argparse.Namespace, root: Path) -> str:
+    """The app on a local Ray, its model and tokenizer under `root`; returns the URL."""
     import ray
     from ray import serve
 
     from serve.app import AppArgs, build_app
 
-    root = Path(tempfile.mkdtemp(prefix="serve_load_"))
-    tokenizer_dir = _tokenizer_dir(Path(args.data_root))
+    tokenizer_dir = _tokenizer_dir(Path(args.data_root), root)
     vocab = Tokenizer.from_directory(tokenizer_dir).vocab_size
     cfg = make_config("cpu", depth=args.depth, vocab_size=vocab)
     torch.manual_seed(0)
@@ -138,21 +138,7 @@ def start_server(args: argparse.Namespace) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=None, help="a running server on 127.0.0.1 (default: start one)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
-    parser.add_argument("--requests", type=int, default=32, help="requests per level (at least 2 per client)")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--replica-cpus", type=int, default=os.cpu_count(), help="torch threads of the model replica")
-    parser.add_argument("--data-root", default=os.environ.get("NANOCHAT_DATA", "../shared/data"))
-    args = parser.parse_args()
-    if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost"):
-        parser.error("--url must point at 127.0.0.1: this load test is for your own machine")
-
-    url = args.url or start_server(args)
+def measure(url: str, args: argparse.Namespace) -> None:
     asyncio.run(run_level(url, 2, 4, 8))  # warm-up: first forward, connections
     print(f"\n{'C':>3} {'requests':>8} {'req/s':>6} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'lat p50':>8} {'lat p99':>8} {'errors':>6} {'tok/s vs C=1':>13}")
@@ -167,6 +153,31 @@ def main() -> None:
               f"{percentile(ttft, .5):>8.2f}s {percentile(ttft, .99):>8.2f}s {percentile(latency, .5):>7.2f}s "
               f"{percentile(latency, .99):>7.2f}s {len(results) - len(good):>6} {tokens_per_s / baseline:>12.1f}x",
               flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=None, help="a running server on 127.0.0.1 (default: start one)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--requests", type=int, default=32, help="requests per level (at least 2 per client)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--replica-cpus", type=int, default=os.cpu_count(), help="torch threads of the model replica")
+    parser.add_argument("--data-root", default=os.environ.get("NANOCHAT_DATA", "../shared/data"))
+    args = parser.parse_args()
+    if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost"):
+        parser.error("--url must point at 127.0.0.1: this load test is for your own machine")
+
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as scratch:
+        url = args.url or start_server(args, Path(scratch))
+        measure(url, args)
+        if not args.url:
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
 
 
 if __name__ == "__main__":
