@@ -140,7 +140,8 @@ class Learner:
             sequences += [group.prompt + tokens for tokens in group.tokens]
             masks += [[0] * len(group.prompt) + mask for mask in group.masks]
         self.model.train()
-        rows = self.cfg.device_batch_size
+        # as many whole sequences per forward as fit the token budget of a training micro-step
+        rows = max(1, self.cfg.device_batch_size * self.cfg.seq_len // max(len(s) for s in sequences))
         for i in range(0, len(sequences), rows):
             inputs, targets, row_advantages = policy_batch(sequences[i:i + rows], masks[i:i + rows],
                                                            advantages[i:i + rows], self.device)
