@@ -30,8 +30,8 @@ from nanochat_ray.report import RECORDS_DIR, format_seconds, read_json
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def process_table() -> dict[int, tuple[int, float]]:
-    """{pid: (parent pid, CPU seconds of it and of its children it has waited for)}."""
+def process_table() -> dict[int, tuple[int, str, float]]:
+    """{pid: (parent pid, start time, CPU seconds of the process itself)}."""
     table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -41,22 +41,35 @@ def process_table() -> dict[int, tuple[int, float]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        ppid, utime, stime, cutime, cstime = int(fields[1]), *map(int, fields[11:15])
-        table[int(entry)] = (ppid, (utime + stime + cutime + cstime) / TICKS)
+        ppid, utime, stime, started = int(fields[1]), int(fields[11]), int(fields[12]), fields[19]
+        table[int(entry)] = (ppid, started, (utime + stime) / TICKS)
     return table
 
 
-def tree_cpu_seconds(root: int) -> float:
-    table = process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    total, stack = 0.0, [root]
-    while stack:
-        pid = stack.pop()
-        total += table.get(pid, (0, 0.0))[1]
-        stack.extend(children.get(pid, []))
-    return total
+class TreeCpu:
+    """CPU seconds of a process and all its descendants, the ones that already exited included.
+
+    Each descendant's own CPU time is remembered from its last sample (a dead actor's time does
+    not always reach its parent's counters: Ray workers are not all reaped by the raylet).
+    """
+
+    def __init__(self, root: int):
+        self.root = root
+        self.seen: dict[tuple[int, str], float] = {}  # (pid, start time) → last CPU seconds
+
+    def sample(self) -> float:
+        table = process_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        stack = [self.root]
+        while stack:
+            pid = stack.pop()
+            if pid in table:
+                _, started, cpu = table[pid]
+                self.seen[(pid, started)] = cpu
+            stack.extend(children.get(pid, []))
+        return sum(self.seen.values())
 
 
 def machine_busy_seconds() -> float:
@@ -72,9 +85,10 @@ class CpuSampler(threading.Thread):
         super().__init__(daemon=True)
         self.samples: list[tuple[float, float, float]] = []
         self.running = True
+        self.tree = TreeCpu(os.getpid())
 
     def sample(self) -> None:
-        self.samples.append((time.time(), tree_cpu_seconds(os.getpid()), machine_busy_seconds()))
+        self.samples.append((time.time(), self.tree.sample(), machine_busy_seconds()))
 
     def run(self) -> None:
         while self.running:

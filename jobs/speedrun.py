@@ -18,6 +18,7 @@ last checkpoint. Evaluations of a saved checkpoint run beside the next training 
 
 import argparse
 import dataclasses
+import hashlib
 import importlib
 import json
 import os
@@ -34,7 +35,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from nanochat_ray.checkpoint import checkpoint_dir, latest_step, step_name
 from nanochat_ray.common import base_dir, init_ray
-from nanochat_ray.config import Config, ConfigError, add_config_args, config_from_args, default_preset
+from nanochat_ray.config import Config, ConfigError, add_config_args, config_from_args, default_preset, make_config
 from nanochat_ray.report import RECORDS_DIR, format_seconds, read_json, write_json_atomic, write_report
 
 
@@ -128,7 +129,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_flags(cfg: Config, preset: str) -> list[str]:
     """The flags that give `cfg` from `preset`: the speedrun's overrides, handed to every stage."""
-    from nanochat_ray.config import make_config
     base = make_config(preset)
     return [item for f in dataclasses.fields(Config) if getattr(cfg, f.name) != getattr(base, f.name)
             for item in (f"--{f.name.replace('_', '-')}", str(getattr(cfg, f.name)))]
@@ -176,7 +176,6 @@ def records_dir() -> Path:
 
 
 def fingerprint(inputs: dict) -> str:
-    import hashlib
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -363,7 +362,10 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     import ray
     run = Speedrun(args, int(ray.cluster_resources().get("CPU", 1)))
-    wall = 0.0 if args.only == "report" else run.run()
+    try:
+        wall = 0.0 if args.only == "report" else run.run()
+    except ConfigError as e:  # e.g. --only a stage whose inputs were never made
+        sys.exit(f"speedrun: {e}")
     info = {"started_at": start, "wall_seconds": wall, "preset": args.preset, "argv": sys.argv[1:] if argv is None else argv,
             "model_tag": args.cfg.model_tag, "cluster_resources": cluster_resources(),
             "hourly_price": args.hourly_price, "stages": [s.name for s in run.stages], "summary": run.summary}
