@@ -230,8 +230,9 @@ class Speedrun:
         self.cluster_cpus = cluster_cpus
         self.records = records_dir()
         self.stages = [s for s in STAGES if args.rl or s.name not in RL_STAGES]
-        self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
-        self.pending: tuple[Stage, Future] | None = None
+        self.background = ThreadPoolExecutor(max_workers=len(STAGES), thread_name_prefix="eval")
+        self.pending: dict[str, Future] = {}  # evaluations running beside the main line
+        self.launched_beside = False  # the stage just before was an evaluation sent to the background
         self.summary: list[dict] = []
 
     def forced(self, stage: Stage) -> bool:
@@ -262,8 +263,7 @@ class Speedrun:
         for stage in self.stages:
             if not self.selected(stage):
                 continue
-            if self.pending and self.pending[0].name in stage.needs:
-                self.wait()
+            self.wait([name for name in stage.needs if name in self.pending])
             self.step(stage)
         self.wait()
         self.background.shutdown()
@@ -277,15 +277,17 @@ class Speedrun:
         done = self.record(stage)
         if (done and done["fingerprint"] == fp and not self.forced(stage)
                 and all((base_dir() / p).exists() for p in done["outputs"])):
+            self.launched_beside = False
             print(f"[speedrun] {stage.name:<10} done before ({format_seconds(done['seconds'])}, "
                   f"{format_headline(done['headline'])}): skipped", flush=True)
             self.summary.append({"stage": stage.name, "status": "skipped", **done})
             return
         later = [s for s in self.stages[self.stages.index(stage) + 1:] if self.selected(s)]
         background = self.args.overlap and not stage.checkpoint and stage.job != "tokenizer" and bool(later)
-        if background:
-            self.wait()  # one evaluation beside training at a time
-        beside = background or (stage.checkpoint is not None and self.pending is not None)
+        # Several evaluations may run at once; Ray queues whatever does not fit the cluster, so a
+        # training stage starts as soon as CPUs free up rather than after every evaluation ended.
+        beside = background or (stage.checkpoint is not None and self.launched_beside)
+        self.launched_beside = background
         argv = (inputs["argv"] + resource_flags(stage, self.args, self.cluster_cpus, beside)
                 + self.resume_flags(stage, fp))
         started_file = self.records / f"{stage.name}.started.json"
@@ -310,7 +312,7 @@ class Speedrun:
             return record
 
         if background:
-            self.pending = (stage, self.background.submit(work))
+            self.pending[stage.name] = self.background.submit(work)
         else:
             work()
 
@@ -324,14 +326,13 @@ class Speedrun:
             return ["--resume"]
         return ["--fresh"]
 
-    def wait(self) -> None:
-        if self.pending:
-            stage, future = self.pending
-            self.pending = None
+    def wait(self, names: list[str] | None = None) -> None:
+        """Until the given background stages (default: all) finished; re-raises their errors."""
+        for name in list(self.pending) if names is None else names:
             try:
-                future.result()
+                self.pending.pop(name).result()
             except BaseException as e:
-                raise RuntimeError(f"the {stage.name} stage (run beside training) failed: {e}") from e
+                raise RuntimeError(f"the {name} stage (run beside training) failed: {e}") from e
 
     def print_summary(self, wall: float) -> None:
         total = sum(row["seconds"] for row in self.summary if row["status"] != "skipped")
