@@ -69,7 +69,7 @@ MAX_CPU_ACTORS = 8  # each evaluation actor holds a copy of the model
 STAGE_DEFAULTS: dict[str, dict[str, str]] = {
     "smoke": {"base_eval": "--max-per-task 2", "mid_eval": "--max-per-task 2 --max-new-tokens 16",
               "sft_eval": "--max-per-task 2 --max-new-tokens 16", "rl_eval": "--max-per-task 2 --max-new-tokens 16"},
-    "cpu": {"base_eval": "--max-per-task 12", "mid_eval": "--max-per-task 12 --max-new-tokens 128",
+    "cpu": {"base_eval": "--max-per-task 8", "mid_eval": "--max-per-task 12 --max-new-tokens 128",
             "sft_eval": "--max-per-task 12 --max-new-tokens 128", "rl_eval": "--max-per-task 12 --max-new-tokens 128"},
 }
 
