@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from nanochat_ray.common import base_dir
+from nanochat_ray.common import base_dir, write_atomic
 from nanochat_ray.gpt import GPT, GPTConfig, build_gpt
 
 STAGES = ("base", "mid", "sft", "rl")
@@ -107,7 +107,7 @@ def finalize_checkpoint(directory: str | Path, meta: dict, world_size: int = 1,
         raise CheckpointError(f"{directory} holds optimizer files {sorted(shards)}, but {world_size} "
                               f"ranks should have written {sorted(expected)}")
     meta = {**meta, "world_size": world_size, "files": files}
-    _write_atomic(directory / META_FILE, json.dumps(meta, indent=2, default=_to_json).encode())
+    write_atomic(directory / META_FILE, json.dumps(meta, indent=2, default=_to_json))
     _fsync(directory)
     return meta
 
@@ -158,7 +158,8 @@ def _publish(tmp: Path, stage_dir: Path, step: int) -> None:
 
 def mark_latest(stage_dir: str | Path, step: int) -> None:
     """Point LATEST at a step whose files are complete (callers check; latest_step re-verifies)."""
-    _write_atomic(Path(stage_dir) / LATEST_FILE, f"{step_name(step)}\n".encode())
+    write_atomic(Path(stage_dir) / LATEST_FILE, f"{step_name(step)}\n")
+    _fsync(Path(stage_dir))
 
 
 def _save(obj: Any, path: Path) -> None:
@@ -166,16 +167,6 @@ def _save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def _fsync(path: Path) -> None:

@@ -17,6 +17,18 @@ def base_dir() -> Path:
     return root
 
 
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write `path` via a synced temp file beside it and a rename: readers, a re-submitted run or
+    a crash never see half a file. (Callers that need the rename itself durable sync the directory.)"""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world size) under torch.distributed; (0, 1) in a single process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanochat_ray.common import write_atomic
+
 RECORDS_DIR = "speedrun"  # <root>/speedrun/<stage>.json: one record per finished stage
 REPORT_FILE = "report.md"
 PLOTS_DIR = "report"
@@ -43,10 +45,7 @@ def read_json(path: Path, default: Any = ...) -> Any:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Temp file then rename: a reader (or a re-submitted run) never sees half a record."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def format_seconds(seconds: float) -> str:
@@ -306,7 +305,5 @@ def write_report(root: Path, run: dict, repo: Path) -> Path:
     lines += [f"Total wall clock time: {format_seconds(span)} (first stage start to last stage end); "
               f"time in stages {format_seconds(stage_seconds)}; this submission {format_seconds(run['wall_seconds'])}."]
     path = root / REPORT_FILE
-    tmp = path.with_name(f".{REPORT_FILE}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -18,7 +18,7 @@ import ray
 import torch
 
 from nanochat_ray.checkpoint import build_model_from_checkpoint, checkpoint_dir, latest_step
-from nanochat_ray.common import autocast, base_dir, compute_dtype, default_device
+from nanochat_ray.common import autocast, base_dir, compute_dtype, default_device, write_atomic
 from nanochat_ray.config import Config, add_config_args
 from nanochat_ray.evals import core
 from nanochat_ray.evals.bpb import evaluate_bpb
@@ -154,9 +154,7 @@ def save_results(results: dict, name: str) -> Path:
     nanochat_eval_result{eval=name, metric="core_tasks/arc_easy", ...}.
     """
     path = evals_dir() / f"{name}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(results, indent=2))
     if ray.is_initialized():
         from ray.util.metrics import Gauge
 
