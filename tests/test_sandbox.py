@@ -215,3 +215,90 @@ def test_refuses_without_resource_limits(monkeypatch, tmp_path):
     marker = tmp_path / "ran"
     result = run_program(f"open({str(marker)!r}, 'w')")
     assert result.status == "refused" and not marker.exists()
+
+
+# --- attacks that get past any Python-level guard (issue 17): each must fail and leave the host as it was
+
+# the original functions come back by re-importing a C module after deleting it from sys.modules
+REIMPORT = "import sys\nfor name in ('posix', '_socket', '_io', 'ctypes', '_ctypes'):\n    sys.modules.pop(name, None)\n"
+
+
+def test_reimported_posix_cannot_run_shell_commands(tmp_path):
+    tmp_path.chmod(0o777)
+    target = tmp_path / "pwned"
+    result = run_program(REIMPORT + f"import posix\nposix.system('touch {target}')")
+    assert result.status == "failed" and "sandbox" in result.error and not target.exists()
+
+
+def test_reimported_posix_cannot_write_or_delete(tmp_path):
+    tmp_path.chmod(0o777)
+    keep, new = tmp_path / "keep.txt", tmp_path / "new.txt"
+    keep.write_text("precious")
+    for attack in (f"import posix\nposix.remove({str(keep)!r})",
+                   f"import posix\nposix.close(posix.open({str(new)!r}, posix.O_WRONLY | posix.O_CREAT))",
+                   f"import _io\n_io.FileIO({str(new)!r}, 'w')"):
+        result = run_program(REIMPORT + attack)
+        assert result.status == "failed" and "sandbox" in result.error, attack
+    assert keep.read_text() == "precious" and not new.exists()
+
+
+def test_original_open_from_a_guards_closure_cannot_write(tmp_path):
+    tmp_path.chmod(0o777)
+    target = tmp_path / "pwned"
+    attack = ("import builtins\nfor cell in builtins.open.__closure__ or ():\n"
+              "    if callable(cell.cell_contents) and getattr(cell.cell_contents, '__name__', '') == 'open':\n"
+              f"        cell.cell_contents({str(target)!r}, 'w').write('x')\n"
+              f"open({str(target)!r}, 'w')")
+    result = run_program(attack)
+    assert result.status == "failed" and "sandbox" in result.error and not target.exists()
+
+
+def test_reimported_socket_cannot_connect():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        result = run_program(REIMPORT + f"import _socket\n_socket.socket().connect(('127.0.0.1', {port}))")
+        assert result.status == "failed" and "sandbox" in result.error
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nobody connected
+            listener.accept()
+
+
+def test_reimported_ctypes_is_refused():
+    result = run_program(REIMPORT + "import ctypes\nprint(ctypes.CDLL(None).getpid())")
+    assert result.status == "failed" and "ctypes" in result.error and not result.stdout
+
+
+def test_reimported_posix_cannot_kill():
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        result = run_program(REIMPORT + f"import posix\nposix.kill({victim.pid}, 9)")
+        assert result.status == "failed" and "sandbox" in result.error
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_forked_child_that_leaves_the_session_is_killed():
+    attack = REIMPORT + ("import posix, time\npid = posix.fork()\nif pid == 0:\n"
+                         "    posix.setsid()\n    print(posix.getpid(), flush=True)\n    time.sleep(30)\n"
+                         "time.sleep(0.5)")
+    result = run_program(attack, timeout=3.0)
+    assert result.status == "failed" and "sandbox" in result.error
+    for pid in result.stdout.split():  # a child that got out must be dead by now
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def test_parent_environment_is_not_readable():
+    # the test process stands for the evaluator whose environment may hold secrets
+    result = run_program(f"print(open('/proc/{os.getpid()}/environ', 'rb').read()[:20])")
+    assert result.status == "failed" and "Permission" in result.error and not result.stdout
+
+
+@pytest.mark.parametrize("code", [
+    REIMPORT + "import posix\nposix._exit(0)",
+    "import os\nos.abort = None\nimport sys\nsys.modules.pop('posix')\nimport posix\nposix._exit(0)\nassert False",
+])
+def test_exiting_with_status_0_before_the_checks_is_not_a_pass(code):
+    result = run_program(code)
+    assert result.status == "failed" and "before" in result.error
