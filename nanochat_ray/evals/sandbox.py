@@ -17,8 +17,9 @@ What confines it, set up by this file's child side before the program's first li
   delete other users' files, signal their processes or read their /proc/<pid>/environ. It runs in
   its own network namespace (no network) and as init of its own PID namespace, so when it ends, or
   the parent kills its supervisor, the kernel kills every process it created. Without namespaces
-  the parent sweeps its session (and, as root, its uid) instead. Limits it cannot raise: memory, CPU
-  seconds, bytes per file, open files, processes (none, once unprivileged), core dumps.
+  the parent sweeps its session (and, as root, its uid) instead. A seccomp filter makes the kernel
+  refuse every socket (EPERM), namespace or not. Limits it cannot raise: memory, CPU seconds, bytes
+  per file, open files, processes (none, once unprivileged), core dumps.
 - An audit hook (PEP 578), called by the interpreter's C code on every audited operation whatever
   module object a program reaches it through: it refuses exec, fork, spawn, signals, sockets, ctypes,
   subinterpreters, extension modules from outside the interpreter's library, writes outside the
@@ -64,6 +65,14 @@ CHILD_ENV = {"PATH": os.defpath, "LANG": "C.UTF-8"}  # plus HOME and TMPDIR: the
 SANDBOX_IDS = 1 << 30  # uids and gids of sandboxed programs (as root): one fresh id each, far above accounts'
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 PR_SET_PDEATHSIG = 1
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER, PR_SET_NO_NEW_PRIVS = 22, 2, 38
+# seccomp: the audit architecture of each 64-bit machine we have a filter for, and the system calls refused
+# there: socket and socketpair (all families: no network, and no AF_UNIX path either, which reaches host
+# daemons such as Docker's or Ray's whatever the network namespace; nothing a program needs, and the
+# audit hook refuses them already), io_uring_setup (io_uring creates sockets without socket()) and
+# pidfd_getfd (takes a copy of another process's socket)
+AUDIT_ARCHES = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+SOCKET_SYSCALLS = {"x86_64": (41, 53, 425, 438), "aarch64": (198, 199, 425, 438)}
 DONE_EVENT = "nanochat.sandbox.done"  # raised by the harness after the program's last line
 OVER_EVENT = "nanochat.sandbox.over"  # raised by the harness when the program failed
 
@@ -106,6 +115,7 @@ class Isolation:
     """What the kernel lets this process use for its sandboxes (host_isolation finds out)."""
     switch_user: bool  # root, and setresuid works: every program runs as a fresh uid
     namespaces: int  # unshare() flags that work: CLONE_NEWPID | CLONE_NEWNET (| CLONE_NEWUSER when not root)
+    seccomp: bool  # the filter that refuses sockets installs and works
     missing: tuple[str, ...] = ()  # what is unavailable and why, for the warning
 
 
@@ -120,9 +130,9 @@ def host_isolation() -> Isolation:
                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     try:
         found = json.loads(probe.stdout)
-        isolation = Isolation(found["switch_user"], found["namespaces"], tuple(found["missing"]))
+        isolation = Isolation(found["switch_user"], found["namespaces"], found["seccomp"], tuple(found["missing"]))
     except (ValueError, KeyError, TypeError):
-        isolation = Isolation(False, 0, (f"the isolation probe failed: {probe.stderr.strip()[-300:]}",))
+        isolation = Isolation(False, 0, False, (f"the isolation probe failed: {probe.stderr.strip()[-300:]}",))
     if isolation.missing:
         warnings.warn("sandbox: running programs without " + "; without ".join(isolation.missing)
                       + ". The audit hook, the limits and the final kill still apply; see the README's security"
@@ -148,7 +158,7 @@ def run_program(code: str, timeout: float = 5.0, memory_mb: int = 512) -> Execut
         try:
             process = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-B", __file__, repr(timeout), str(memory_mb), str(sandbox_id),
-                 str(isolation.namespaces), str(done_write)],
+                 str(isolation.namespaces), str(int(isolation.seccomp)), str(done_write)],
                 cwd=workdir,
                 env={**CHILD_ENV, "HOME": workdir, "TMPDIR": workdir},
                 stdin=subprocess.PIPE,
@@ -272,7 +282,7 @@ def _sweep(session: int, sandbox_id: int) -> None:
 # --- child side: runs in the sandboxed interpreter
 
 
-def _child_main(timeout: float, memory_mb: int, sandbox_id: int, namespaces: int, done_fd: int) -> None:
+def _child_main(timeout: float, memory_mb: int, sandbox_id: int, namespaces: int, seccomp: bool, done_fd: int) -> None:
     exit_now = os._exit  # the program's own exit and flush are not to be trusted
     nonce = sys.stdin.buffer.read(64)  # the parent closed the pipe after writing it
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
@@ -291,6 +301,8 @@ def _child_main(timeout: float, memory_mb: int, sandbox_id: int, namespaces: int
             _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() == 0 and not Path(f"/proc/{supervisor}").exists():
                 exit_now(EXIT_REFUSED)  # it died before prctl: nobody would kill us
+        if seccomp:  # always, not only without a network namespace: see SOCKET_SYSCALLS for what that adds
+            _refuse_syscalls(SOCKET_SYSCALLS[os.uname().machine])
     except (OSError, ValueError) as error:
         print(f"sandbox: could not isolate the program, not running it: {error}", file=sys.stderr, flush=True)
         exit_now(EXIT_REFUSED)
@@ -342,6 +354,42 @@ def _unshare(flags: int) -> None:
         import ctypes
         errno = ctypes.get_errno()
         raise OSError(errno, f"unshare: {os.strerror(errno)}")
+
+
+def _refuse_syscalls(numbers: tuple[int, ...]) -> None:
+    """Install a seccomp filter on this process and all it starts: the system calls `numbers` fail with EPERM.
+
+    Any call made with another architecture's convention (i386's int 0x80 on x86_64, arm32 on aarch64) or
+    x32's numbering (0x40000000 and up) fails too: the same socket call has other numbers there, and
+    this interpreter never uses them. Raises OSError when the kernel refuses the filter.
+    """
+    import ctypes  # before the audit hook, like unshare and prctl
+    arch = AUDIT_ARCHES[os.uname().machine] if sys.maxsize > 2**32 else None
+    if arch is None:
+        raise OSError(0, "seccomp: no filter for a 32-bit interpreter")
+
+    class Instruction(ctypes.Structure):  # struct sock_filter
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):  # struct sock_fprog
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Instruction))]
+
+    load_word, jump_eq, jump_ge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|K, ..JGE|K
+    allow, eperm = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    # struct seccomp_data: int nr at offset 0, u32 arch at 4; a jump skips jt / jf instructions forward
+    checks = [(load_word, 0, 0, 4), (jump_eq, 1, 0, arch), (ret, 0, 0, eperm), (load_word, 0, 0, 0)]
+    refused = (0x40000000,) + tuple(numbers)  # 0x40000000: "at least", x32; the rest: "equal"
+    for i, number in enumerate(refused):
+        to_refusal = len(refused) - i  # past the remaining checks and the allow
+        checks.append((jump_ge if i == 0 else jump_eq, to_refusal, 0, number))
+    checks += [(ret, 0, 0, allow), (ret, 0, 0, eperm)]
+    instructions = (Instruction * len(checks))(*checks)
+    program = Program(len(checks), instructions)
+    libc = _libc()
+    if (libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0  # required to install a filter without CAP_SYS_ADMIN
+            or libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(program), 0, 0) != 0):
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"seccomp: {os.strerror(errno)}")
 
 
 def _switch_user(sandbox_id: int) -> None:
@@ -487,20 +535,32 @@ def _probe() -> None:
     """Try each isolation on this throwaway interpreter; print what works as JSON (host_isolation reads it)."""
     import json
     root = os.geteuid() == 0
-    found = {"switch_user": False, "namespaces": 0, "missing": []}
+    found = {"switch_user": False, "namespaces": 0, "seccomp": False, "missing": []}
     flags = CLONE_NEWPID | CLONE_NEWNET | (0 if root else CLONE_NEWUSER)
     try:
         _unshare(flags)
         found["namespaces"] = flags
     except OSError as error:
-        found["missing"].append(f"PID and network namespaces ({error.strerror}; leftovers are swept instead,"
-                                " and only the audit hook refuses sockets)")
+        found["missing"].append(f"PID and network namespaces ({error.strerror}; leftovers are swept instead)")
     if root:
         try:
             _switch_user(SANDBOX_IDS)
             found["switch_user"] = True
         except OSError as error:
             found["missing"].append(f"an unprivileged user (setresuid: {error.strerror}; the program runs as root)")
+    try:  # last: it refuses this interpreter's sockets too, which is what it checks
+        _refuse_syscalls(SOCKET_SYSCALLS[os.uname().machine])
+    except (OSError, KeyError) as error:
+        reason = error.strerror if isinstance(error, OSError) else f"no filter for machine {error}"
+        found["missing"].append(f"the seccomp filter that refuses sockets ({reason}; only the audit hook"
+                                f"{' and the network namespace' if found['namespaces'] else ''} stop them)")
+    else:
+        import socket
+        try:
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).close()
+            found["missing"].append("the seccomp filter that refuses sockets (it installed, yet socket() worked)")
+        except PermissionError:
+            found["seccomp"] = True
     print(json.dumps(found))
 
 
@@ -508,4 +568,5 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--probe"]:
         _probe()
     else:
-        _child_main(float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        _child_main(float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1",
+                    int(sys.argv[6]))
