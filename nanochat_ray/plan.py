@@ -20,7 +20,6 @@ Validated two ways (tests/test_plan.py): (a) against the measured peak RSS of th
 (b) the reference's step against what its authors saw on 80 GB H100s.
 """
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -257,7 +256,6 @@ def make_plan(cfg: Config, gpu: GPUKind, gpus: int, reference: bool = False, mfu
     fpt = flops_per_token(cfg)
     compute = gpus * gpu.bf16_flops * mfu  # FLOP/s of the whole node at the stated MFU
     T, B = cfg.seq_len, cfg.device_batch_size
-    accum = max(1, cfg.total_batch_size // (B * T * gpus))
 
     def train_row(name: str, batch: int, tokens: float, mode: str, world: int, shape_note: str = "") -> StageRow:
         micro_accum = max(1, cfg.total_batch_size // (batch * T * world))
@@ -297,12 +295,12 @@ def make_plan(cfg: Config, gpu: GPUKind, gpus: int, reference: bool = False, mfu
         decode_row("chat eval (generative)", 1, T, CHAT_GEN_TOKENS, gpus),
         decode_row("RL rollouts", RL_ROWS, RL_PROMPT_TOKENS + RL_MAX_NEW, RL_STEPS * 16 * 16 * RL_MAX_NEW,
                    max(1, gpus - 1)),
-        # the learner is one process: the whole optimizer state, not compiled
+        # the learner is one process (the whole optimizer state), not compiled; its forwards take whole
+        # sequences up to B × T tokens (rl/actors.py), all of them counted in the head: an upper bound
         train_row("RL learner", B, RL_STEPS * 16 * 16 * (RL_PROMPT_TOKENS + RL_MAX_NEW), "eager-bf16", 1,
                   ", world 1, eager"),
         decode_row("serving (max_batch)", SERVE_MAX_BATCH, T, 0, 1),
     ]
-    # the learner's forward works on whole sequences: B × T tokens of them (rl/actors.py)
     return Plan(cfg, gpu, gpus, r, mfu, rows, hourly_price)
 
 
@@ -320,17 +318,16 @@ def format_plan(plan: Plan) -> str:
     lines = [f"plan: {cfg.model_tag} ({num_params(cfg):,} params, {flops_per_token(cfg) / 1e9:.2f} GFLOP/token) on "
              f"{plan.gpus}× {plan.gpu.label} ({plan.gpu.memory_gib:.1f} GiB, {plan.gpu.bf16_flops / 1e12:.0f} TFLOP/s "
              f"bf16), {r.name} step ({head}); time at {100 * plan.mfu:.0f}% MFU",
-             f"usable per rank {_gib(plan.usable)} GiB ({CUDA_OVERHEAD_GIB} GiB CUDA context + NCCL; "
-             f"{100 * ALLOCATOR_SLACK:.0f}% allocator slack required)",
+             f"usable per rank {_gib(plan.usable)} GiB (less {CUDA_OVERHEAD_GIB} GiB for the CUDA context and NCCL)",
              "",
-             f"{'stage':<24} {'shape':<30} {'params':>6} {'grads':>6} {'optim':>6} {'activ':>6} {'trans':>6} "
+             f"{'stage':<24} {'shape':<36} {'params':>6} {'grads':>6} {'optim':>6} {'activ':>6} {'trans':>6} "
              f"{'kv':>6} {'peak':>6}  {'GFLOP/tok':>9} {'time':>9}  fits",
              ]
     for row in plan.rows:
         m = row.memory
         verdict = "yes" if row.fits else (f"NO: largest device batch that fits {row.largest_batch}"
                                           if row.largest_batch is not None else "NO")
-        lines.append(f"{row.stage:<24} {row.shape:<30} {_gib(m.params):>6} {_gib(m.grads):>6} {_gib(m.optimizer):>6} "
+        lines.append(f"{row.stage:<24} {row.shape:<36} {_gib(m.params):>6} {_gib(m.grads):>6} {_gib(m.optimizer):>6} "
                      f"{_gib(m.activations):>6} {_gib(m.transient):>6} {_gib(m.kv_cache):>6} {_gib(m.total):>6}  "
                      f"{row.flops_per_token / 1e9:>9.2f} {format_duration(row.seconds):>9}  {verdict}")
     total = f"whole run ≈ {format_duration(plan.seconds)} on {plan.gpus} GPUs"
@@ -409,7 +406,7 @@ def measure_cpu_step(cfg: Config, steps: int = 2) -> dict:
 
 def cpu_estimate(cfg: Config) -> dict:
     """The plan's figures for measure_cpu_step's configuration: one process, fp32, eager."""
-    r = dataclasses.replace(recipe(), name="ours")
+    r = recipe()
     accum = cfg.grad_accum_steps(1)
     m = train_memory(cfg, r, 1, cfg.device_batch_size, cfg.seq_len, "eager-fp32", accum)
     static = param_bytes(cfg, r) + optimizer_bytes(cfg, r, 1)[0]
