@@ -9,7 +9,7 @@ fed by the Ray Data tokenize/pack pipeline) on N workers, one run after the othe
 Per run it prints
   - tokens/s and MFU: medians over the steps after --warmup (the loop's own per-step figures);
     on CPU, MFU is against the fp32 matmul peak each worker measures at its thread count, on CUDA
-    against the H100's 989 TFLOP/s bf16 (common.peak_flops);
+    against the GPU kind's dense bf16 peak (common.peak_flops, nanochat_ray/gpus.py);
   - data-wait fraction: mean over steps 2..N of the time a step blocked on its rows (goal <= 1%);
   - first step: seconds from the call to pretrain() (Ray Train worker start-up, model build, the
     Ray Data pipeline start ...) to the moment step 1's metrics line appears in metrics.jsonl,
@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-root", default=default_data, help="mirror laid out like shared/data (env NANOCHAT_DATA)")
     parser.add_argument("--tokenizer-dir", default=None, help="an existing tokenizer with the preset's vocab "
                                                               "(default: train one on the train shards)")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker: bf16 + compile, MFU vs 989 TFLOP/s")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker: bf16 + compile, MFU vs the GPU kind's bf16 peak")
     parser.add_argument("--cpus-per-worker", type=float, default=None,
                         help="CPUs each worker reserves (default: 1 with GPUs; on CPU the node's CPUs / workers, "
                              "so every run uses the whole machine); Ray sets torch's threads to floor(this)")
@@ -283,7 +283,7 @@ def run_bench(args: argparse.Namespace, temp: Path, bench_start: float) -> None:
 
     device = (torch.cuda.get_device_name() if args.use_gpu and torch.cuda.is_available() else
               f"{os.cpu_count()} CPU cores (Ray: {cluster_cpus} CPUs), torch {torch.__version__}")
-    peak = "989 TFLOP/s bf16 (H100)" if args.use_gpu else "each worker's measured fp32 matmul peak x workers"
+    peak = "the GPU kind's dense bf16 peak (nanochat_ray/gpus.py)" if args.use_gpu else "each worker's measured fp32 matmul peak x workers"
     print(f"\npretraining, preset {args.preset} ({cfg.num_iterations} steps, {cfg.total_batch_size:,} tokens/step) "
           f"on {device}")
     print(f"tok/s and MFU: medians over steps {args.warmup + 1}..{cfg.num_iterations}; MFU vs {peak}; "

@@ -4,7 +4,7 @@ Training-step throughput: forward + backward + optimizer step, tokens/s and MFU.
     python bench/train_step.py --depth 4 --seq-len 1024 --batch 1 [--compile]
 
 MFU is reported against a matmul peak measured on this machine in the same dtype (and,
-on CUDA, also against the H100's 989 TFLOP/s bf16), so CPU figures are comparable with
+on CUDA in bf16, also against the GPU kind's dense bf16 peak from nanochat_ray/gpus.py), so CPU figures are comparable with
 SPEC §14 (reference: ~510 tok/s eager, ~720 tok/s compiled on 2 AVX-512 cores).
 """
 
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from nanochat_ray.common import H100_BF16_PEAK, autocast, compute_dtype, default_device, matmul_peak
+from nanochat_ray.common import autocast, compute_dtype, default_device, matmul_peak, peak_flops
 from nanochat_ray.config import make_config
 from nanochat_ray.gpt import build_gpt
 from nanochat_ray.optim import build_optimizers
@@ -71,8 +71,8 @@ def main() -> None:
     print(f"achieved         {achieved / 1e9:.1f} GFLOP/s")
     print(f"matmul peak      {peak / 1e9:.1f} GFLOP/s (measured, {dtype})")
     print(f"MFU vs measured  {100 * achieved / peak:.1f}%")
-    if device.type == "cuda":
-        print(f"MFU vs H100 bf16 {100 * achieved / H100_BF16_PEAK:.1f}%")
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        print(f"MFU vs this GPU's bf16 peak {100 * achieved / peak_flops(device, dtype):.1f}% (nanochat_ray/gpus.py)")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from nanochat_ray.checkpoint import checkpoint_dir, latest_step, step_name
 from nanochat_ray.common import base_dir, init_ray
 from nanochat_ray.config import Config, ConfigError, add_config_args, config_from_args, default_preset, make_config
+from nanochat_ray.gpus import GPU_KINDS, GPUKind, gpu_kind, kind_of_device
+from nanochat_ray.plan import format_plan, make_plan, refusal
 from nanochat_ray.report import RECORDS_DIR, format_seconds, read_json, write_json_atomic, write_report
 
 
@@ -104,6 +106,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="local mirror laid out like shared/data (env NANOCHAT_DATA)")
     parser.add_argument("--hourly-price", type=float, default=None,
                         help="price of the cluster per hour, for the report's cost estimate")
+    parser.add_argument("--plan", action="store_true", help="print the memory and time plan (jobs/plan.py) and exit")
+    parser.add_argument("--gpu", choices=list(GPU_KINDS), default=None,
+                        help="GPU kind for the plan (default: what the cluster reports, else h100-80gb)")
+    parser.add_argument("--ignore-plan", action="store_true",
+                        help="start a GPU run even when the plan says a stage does not fit")
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
@@ -357,9 +364,34 @@ def cluster_resources() -> dict:
         "memory_gb": round(ray.cluster_resources().get("memory", 0) / 2**30, 1)}
 
 
+def cluster_gpu_kind() -> GPUKind | None:
+    """The GPU kind Ray reports for the cluster (resource accelerator_type:KIND), or this machine's."""
+    import ray
+    import torch
+    names = [key.split(":", 1)[1] for key in ray.cluster_resources() if key.startswith("accelerator_type:")]
+    names += [torch.cuda.get_device_name(0)] if torch.cuda.is_available() else []
+    kinds = [kind for kind in map(kind_of_device, names) if kind is not None]
+    return kinds[0] if kinds else None
+
+
+def check_plan(args: argparse.Namespace, kind: GPUKind | None) -> None:
+    """Print the plan; refuse a GPU run that would not fit unless --ignore-plan."""
+    plan = make_plan(args.cfg, kind or gpu_kind("h100-80gb"), args.num_workers, hourly_price=args.hourly_price)
+    note = "" if kind or args.gpu else " (GPU kind not reported by the cluster: assumed; pass --gpu)"
+    print(format_plan(plan) + note, flush=True)
+    problem = refusal(plan)
+    if problem and not args.ignore_plan:
+        sys.exit(f"speedrun: {problem}. Nothing was started; pass --ignore-plan to run anyway.")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.plan:
+        check_plan(args, gpu_kind(args.gpu) if args.gpu else None)
+        return {}
     init_ray()
+    if args.use_gpu:
+        check_plan(args, gpu_kind(args.gpu) if args.gpu else cluster_gpu_kind())
     start = time.time()
     import ray
     run = Speedrun(args, int(ray.cluster_resources().get("CPU", 1)))

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from nanochat_ray.gpus import kind_of_device
+
 
 def base_dir() -> Path:
     """The one artifact root: tokenizer, shards, checkpoints, eval bundle, report.
@@ -66,9 +68,6 @@ def maybe_compile(model: torch.nn.Module, setting: str, device: torch.device) ->
     return model
 
 
-H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM, the reference's MFU denominator
-
-
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
     """Measured FLOP/s of a square matmul: the best this device does on dense math."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -84,8 +83,15 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """The MFU denominator: the H100 bf16 peak on CUDA (as the reference), measured on CPU."""
-    return H100_BF16_PEAK if device.type == "cuda" else matmul_peak(device, dtype)
+    """The MFU denominator: on CUDA in bf16 the vendor's dense bf16 peak of this GPU kind (nanochat_ray/gpus.py;
+    the reference divides by the H100's 989 TFLOP/s on every GPU); measured where the table has no figure
+    (CPUs, fp32, a GPU it does not know)."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        kind = kind_of_device(torch.cuda.get_device_name(device))
+        if kind is not None:
+            return kind.bf16_flops
+        print0(f"MFU: {torch.cuda.get_device_name(device)} is not in nanochat_ray/gpus.py; measuring its matmul peak")
+    return matmul_peak(device, dtype)
 
 
 def init_ray() -> None:

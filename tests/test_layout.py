@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = ["config", "common", "gpt", "tokenizer", "optim", "checkpoint", "data.registry", "evals.bpb", "evals.core",
         "evals.chat", "evals.sandbox", "tasks", "train.loop"]
 CORE += [m for m in ("engine", "calculator") if (ROOT / "nanochat_ray" / f"{m}.py").exists()]
-CORE += ["rl.policy", "rl.tasks"]  # RL's arithmetic and rewards; rl.actors and rl.loop are the Ray edge
+CORE += ["rl.policy", "rl.tasks", "gpus", "plan"]  # RL's arithmetic and rewards; rl.actors and rl.loop are the Ray edge
 
 
 def test_core_modules_do_not_import_ray():
