@@ -7,7 +7,8 @@ ChatCORE over the tasks run. Examples are sharded over Ray actors.
     python jobs/chat_eval.py --stage mid --tasks GSM8K HumanEval --num-samples 8 --temperature 1.0
     ray job submit --working-dir . -- python jobs/chat_eval.py --stage sft --preset d20 --num-actors 8 --use-gpu
 
-Writes <base dir>/evals/chat_<stage>_<tag>.json.
+Writes <base dir>/evals/chat_<stage>_<tag>.json. Each finished task is kept in
+chat_<stage>_<tag>.progress.json until then, so re-running after a crash skips it.
 """
 
 import sys
@@ -20,7 +21,9 @@ import ray
 
 from nanochat_ray.common import base_dir, init_ray
 from nanochat_ray.config import config_from_args
-from nanochat_ray.evals.actors import eval_parser, run_chat, save_results, start_eval_actors
+from nanochat_ray.evals.actors import (
+    Progress, eval_parser, evals_dir, run_chat, save_results, start_eval_actors,
+)
 from nanochat_ray.evals.chat import BASELINES
 
 
@@ -42,12 +45,17 @@ def main(argv: list[str] | None = None) -> dict:
                                args.num_actors, args.use_gpu, args.cpus_per_actor)
     label = ray.get(actors[0].describe.remote())
     print(f"evaluating {label} on {', '.join(args.tasks)} ({args.max_per_task or 'all'} examples per task)")
-    results = run_chat(actors, args.tasks, args.data_root, args.max_per_task, num_samples=args.num_samples,
-                       temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens)
+    name = f"chat_{args.stage}_{cfg.model_tag}"
+    options = dict(num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
+                   max_tokens=args.max_new_tokens)
+    progress = Progress(evals_dir() / f"{name}.progress.json",
+                        {"model": label, "max_per_task": args.max_per_task, **options, "config": cfg.to_dict()})
+    results = run_chat(actors, args.tasks, args.data_root, args.max_per_task, progress, **options)
     print(f"ChatCORE {results['chatcore']:.4f} in {time.time() - start:.0f}s")
     results |= {"model": label, "stage": args.stage, "max_per_task": args.max_per_task,
                 "num_samples": args.num_samples, "seconds": time.time() - start}
-    print(f"results: {save_results(results, f'chat_{args.stage}_{cfg.model_tag}')}")
+    print(f"results: {save_results(results, name)}")
+    progress.finish()
     return results
 
 

@@ -33,6 +33,7 @@ FLAGS = {  # RLOptions field → help
     "questions_per_call": "questions per rollout call (0 = half an actor's share, so results stream to the learner)",
     "placement": "separate: learner and each rollout actor a GPU of their own; colocated: half a GPU each",
     "cpus_per_actor": "CPUs reserved by each rollout actor",
+    "call_timeout_s": "the longest one actor call may take before the attempt counts as failed (a hung actor)",
 }
 
 

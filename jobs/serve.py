@@ -25,7 +25,7 @@ from nanochat_ray.common import init_ray
 def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
-    from serve.app import AppArgs, build_app
+    from serve.app import AppArgs, api_key_from_env, build_app, exposure_warning
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server")
@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> None:
         app_args = AppArgs.model_validate(settings)
     except ValidationError as error:
         parser.error(str(error))
+    try:
+        api_key = api_key_from_env()
+    except ValueError as error:
+        parser.error(str(error))
+    if warning := exposure_warning(args.host, api_key):
+        banner = "!" * 100
+        print(f"{banner}\n{warning}\n{banner}", file=sys.stderr, flush=True)
     init_ray()
     if "num_gpus" not in settings:  # a GPU per model replica when the cluster has GPUs
         import ray

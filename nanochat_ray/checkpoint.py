@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from nanochat_ray.common import base_dir, write_atomic
+from nanochat_ray.common import base_dir, fsync_path, write_atomic
 from nanochat_ray.gpt import GPT, GPTConfig, build_gpt
 
 STAGES = ("base", "mid", "sft", "rl")
@@ -47,6 +47,8 @@ MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 LATEST_FILE = "LATEST"
 STEP_DIR = re.compile(r"step_(\d+)")
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointError(RuntimeError):
@@ -57,7 +59,17 @@ def checkpoint_dir(stage: str, model_tag: str, root: str | Path | None = None) -
     """The directory holding every step of one stage of one model."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}, expected one of {STAGES}")
+    check_name(model_tag, "model tag")
     return Path(root or base_dir()) / "checkpoints" / stage / model_tag
+
+
+def check_name(name: str, what: str) -> str:
+    """A name that becomes one path component under the artifact root: letters, digits, `_`, `-`
+    and inner dots only, so `../x`, `/abs` or `a/b` can never point outside it."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ValueError(f"{what} {name!r} is not a plain name: use letters, digits, '_', '-' and '.' "
+                         f"(not first), e.g. d20")
+    return name
 
 
 def step_name(step: int) -> str:
@@ -108,7 +120,7 @@ def finalize_checkpoint(directory: str | Path, meta: dict, world_size: int = 1,
                               f"ranks should have written {sorted(expected)}")
     meta = {**meta, "world_size": world_size, "files": files}
     write_atomic(directory / META_FILE, json.dumps(meta, indent=2, default=_to_json))
-    _fsync(directory)
+    fsync_path(directory)
     return meta
 
 
@@ -152,14 +164,14 @@ def _publish(tmp: Path, stage_dir: Path, step: int) -> None:
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _fsync(stage_dir)
+    fsync_path(stage_dir)
     mark_latest(stage_dir, step)
 
 
 def mark_latest(stage_dir: str | Path, step: int) -> None:
     """Point LATEST at a step whose files are complete (callers check; latest_step re-verifies)."""
     write_atomic(Path(stage_dir) / LATEST_FILE, f"{step_name(step)}\n")
-    _fsync(Path(stage_dir))
+    fsync_path(Path(stage_dir))
 
 
 def _save(obj: Any, path: Path) -> None:
@@ -167,15 +179,6 @@ def _save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    # directories too: a rename is durable only once its directory is synced
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _to_json(obj: Any) -> Any:
@@ -215,10 +218,11 @@ def verify_checkpoint(directory: str | Path) -> dict:
                               + _fix(directory))
     try:
         meta = json.loads(meta_path.read_text())
-        files = meta["files"]
-    except (ValueError, KeyError) as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path} is unreadable ({e!r}). " + _fix(directory)) from e
-    for name, expected in files.items():
+    if problem := _meta_problem(meta, directory.name):
+        raise CheckpointError(f"{meta_path} is malformed: {problem}. " + _fix(directory))
+    for name, expected in meta["files"].items():
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing. " + _fix(directory))
@@ -230,6 +234,37 @@ def verify_checkpoint(directory: str | Path) -> dict:
             raise CheckpointError(f"{path} is corrupt (its sha256 differs from the saved one). "
                                   + _fix(directory))
     return meta
+
+
+def _meta_problem(meta: Any, dir_name: str) -> str | None:
+    """What is wrong with a parsed meta.json (None if nothing): anything written by hand, by another
+    tool or half-overwritten is rejected like a corrupt file, never half-trusted."""
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, got {type(meta).__name__}"
+    for key in ("step", "world_size", "files"):
+        if key not in meta:
+            return f"no {key!r}"
+    if not count(meta["step"]) or meta["step"] < 0:
+        return f"step must be a non-negative integer, got {meta['step']!r}"
+    if STEP_DIR.fullmatch(dir_name) and int(dir_name[len("step_"):]) != meta["step"]:
+        return f"it says step {meta['step']} in {dir_name}"
+    if not count(meta["world_size"]) or meta["world_size"] < 1:
+        return f"world_size must be a positive integer, got {meta['world_size']!r}"
+    if "model_config" in meta and not isinstance(meta["model_config"], dict):
+        return f"model_config must be an object, got {type(meta['model_config']).__name__}"
+    files = meta["files"]
+    if not isinstance(files, dict) or MODEL_FILE not in files:
+        return f"the files manifest must be an object naming at least {MODEL_FILE}, got {files!r:.80}"
+    for name, entry in files.items():
+        if not SAFE_NAME.fullmatch(name) or name == META_FILE:
+            return f"manifest entry {name!r} is not a file of this directory"
+        if not (isinstance(entry, dict) and count(entry.get("bytes")) and entry["bytes"] >= 0
+                and isinstance(entry.get("sha256"), str) and SHA256.fullmatch(entry["sha256"])):
+            return f"manifest entry {name!r} needs an integer 'bytes' and a hex 'sha256', got {entry!r:.120}"
+    return None
 
 
 def _steps(stage_dir: Path) -> list[int]:
@@ -286,7 +321,7 @@ def load_checkpoint(stage_dir: str | Path, step: int | None = None, device: str 
 
 
 def _read(directory: Path, meta: dict, device, rank: int, load_optimizer: bool) -> tuple[dict, Any, dict]:
-    model_state = torch.load(directory / MODEL_FILE, map_location=device)
+    model_state = torch.load(directory / MODEL_FILE, map_location=device, weights_only=True)
     optim_state = None
     if load_optimizer:
         name = optim_file(rank)
@@ -294,7 +329,7 @@ def _read(directory: Path, meta: dict, device, rank: int, load_optimizer: bool) 
             saved = sorted(n for n in meta["files"] if n.startswith("optim_rank")) or "no optimizer state"
             raise CheckpointError(f"{directory} has no {name} (it holds {saved}): resume with the same "
                                   f"number of ranks ({meta['world_size']}), or load without the optimizer.")
-        optim_state = torch.load(directory / name, map_location=device)
+        optim_state = torch.load(directory / name, map_location=device, weights_only=True)
     return model_state, optim_state, meta
 
 

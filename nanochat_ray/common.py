@@ -1,8 +1,11 @@
 """Small helpers shared by every stage: the artifact root, rank-0 printing, device choice."""
 
 import os
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,16 +22,34 @@ def base_dir() -> Path:
     return root
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
+def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], Any]) -> None:
     """Write `path` via a synced temp file beside it and a rename: readers, a re-submitted run or
-    a crash never see half a file. (Callers that need the rename itself durable sync the directory.)"""
+    a crash never see half a file. `data` is the content, or a function that writes the temp path
+    it is given (e.g. torch.save). The temp name is unique, so two writers of one file never mix,
+    and a write that fails leaves no temp file behind. (Callers that need the rename itself
+    durable sync the directory.)"""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(Path(tmp))  # writes by path (tokenizers, torch.save); f stays untouched
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        fsync_path(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fsync_path(path: Path) -> None:
+    """Sync a file or a directory (a rename is durable only once its directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def rank_world() -> tuple[int, int]:

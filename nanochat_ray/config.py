@@ -18,6 +18,9 @@ import torch
 from nanochat_ray.gpt import GPTConfig
 
 
+MAX_DEPTH = 128  # d128 is 8,192 wide and ~100B parameters: beyond that a depth is a typo
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and the fix."""
 
@@ -164,6 +167,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
     for name in ("depth", "aspect_ratio", "head_dim", "seq_len", "device_batch_size", "total_batch_size"):
         check(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
+    check(cfg.depth <= MAX_DEPTH, f"depth must be at most {MAX_DEPTH} (d{MAX_DEPTH} is already ~100B parameters "
+                                  f"at aspect_ratio 64), got {cfg.depth}")
+    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip"):
+        check(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     check(cfg.vocab_size >= 256 + 9, f"vocab_size must be at least 265 (256 bytes + 9 special tokens), got {cfg.vocab_size}")
     check(cfg.model_dim % cfg.n_head == 0,
           f"depth {cfg.depth} gives model_dim {cfg.model_dim}, not divisible by n_head {cfg.n_head} "
@@ -184,6 +191,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check(cfg.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {cfg.compile!r}")
     check(cfg.num_iterations > 0 or cfg.target_flops > 0 or cfg.target_param_data_ratio > 0,
           "set a horizon: num_iterations, target_flops or target_param_data_ratio")
+    check(cfg.eval_every <= 0 or cfg.eval_tokens >= tokens_per_micro_step,
+          f"eval_tokens {cfg.eval_tokens} is less than one batch (device_batch_size × seq_len × workers "
+          f"= {tokens_per_micro_step}): the val evaluation would see no data")
     check(cfg.eval_tokens % (cfg.device_batch_size * cfg.seq_len) == 0 or cfg.eval_every <= 0,
           f"eval_tokens {cfg.eval_tokens} must be a multiple of device_batch_size × seq_len "
           f"= {cfg.device_batch_size * cfg.seq_len}")

@@ -13,14 +13,14 @@ Trained and saved by `python jobs/tokenizer.py`; loaded with `Tokenizer.from_dir
 guarantees that text spelling a special token ("<|bos|>") encodes as ordinary bytes.
 """
 
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+
+from nanochat_ray.common import write_atomic
 
 # GPT-4's split pattern, except numbers split into groups of at most 2 digits (not 3):
 # spends fewer merges on digit triples in a small vocabulary.
@@ -51,18 +51,6 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
         pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same directory and os.replace, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class Tokenizer:
@@ -123,8 +111,8 @@ class Tokenizer:
         """Write tokenizer.json and token_bytes.pt into `directory`, each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / TOKENIZER_FILE, self.hf.save)
-        _atomic_write(directory / TOKEN_BYTES_FILE, lambda p: torch.save(self._token_bytes, p))
+        write_atomic(directory / TOKENIZER_FILE, lambda p: self.hf.save(str(p)))
+        write_atomic(directory / TOKEN_BYTES_FILE, lambda p: torch.save(self._token_bytes, p))
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> "Tokenizer":
@@ -135,7 +123,7 @@ class Tokenizer:
                     f"{directory / name} not found: train the tokenizer first with `python jobs/tokenizer.py`"
                 )
         hf = HFTokenizer.from_file(str(directory / TOKENIZER_FILE))
-        return cls(hf, torch.load(directory / TOKEN_BYTES_FILE))
+        return cls(hf, torch.load(directory / TOKEN_BYTES_FILE, weights_only=True))
 
     # ---------------------------------------------------------------------------------------
     # vocabulary, encode, decode

@@ -1,14 +1,21 @@
 """
 The OpenAI chat-completions wire format: request validation (SPEC §13 limits), error bodies,
-response and stream-chunk shapes. Plain pydantic, no Ray.
+response and stream-chunk shapes, and the guards every request passes (body size while reading,
+browser origin, a deadline). Plain pydantic and asyncio, no Ray.
 
-    request = parse_chat_request(body_bytes)   # raises ApiError(400, ...) with the field at fault
+    check_browser_request(headers)                          # 415 / 403 for what a foreign page could send
+    body = await read_body(request.stream(), headers)     # 413 as soon as the limit is passed
+    request = parse_chat_request(body)                    # raises ApiError(400, ...) with the field at fault
+    async for event in within(events, seconds): ...       # 504 when the deadline passes
 """
 
+import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -98,9 +105,53 @@ class ChatRequest(_Strict):
         return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
 
 
+def check_browser_request(headers: Mapping[str, str]) -> None:
+    """Refuse what a page on another site could make a visitor's browser send: a browser sends a
+    cross-origin POST without asking first only with a form or text/plain body, and says where it
+    came from in Origin. (Without an API key, this is all that keeps such a page off the API.)"""
+    kind = headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"the body must be sent as Content-Type: application/json, got {kind or 'none'!r}")
+    origin = headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != headers.get("host", "").lower():
+        raise ApiError(403, f"requests from another origin ({origin}) are refused: this API serves "
+                            f"its own page and non-browser clients")
+
+
+def _too_big(size: str) -> ApiError:
+    return ApiError(413, f"request body of {size} bytes; the limit is {MAX_BODY_BYTES:,}")
+
+
+async def read_body(chunks: AsyncIterator[bytes], headers: Mapping[str, str]) -> bytes:
+    """The request body, refused (413) as soon as it passes MAX_BODY_BYTES: a declared length is
+    checked before reading, a chunked body while it arrives, so no client makes us hold more."""
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_big(f"{int(declared):,}")
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_big(f"more than {MAX_BODY_BYTES:,}")
+    return bytes(body)
+
+
+async def within(events: AsyncIterator[dict], seconds: float) -> AsyncIterator[dict]:
+    """`events`, as long as the whole request takes at most `seconds`; then ApiError(504)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                event = await anext(events)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ApiError(504, f"the request took longer than the server's limit of {seconds:g} s "
+                                f"(request_timeout_s): ask for fewer max_tokens") from None
+        yield event
+
+
 def parse_chat_request(body: bytes) -> ChatRequest:
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body of {len(body):,} bytes; the limit is {MAX_BODY_BYTES:,}")
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

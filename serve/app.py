@@ -13,10 +13,14 @@ Two deployments:
   events, the web page, /v1/models, /health, /stats. It holds no model and scales apart.
 
 Set NANOCHAT_API_KEY in the environment that builds the app to require
-`Authorization: Bearer <key>` on the API.
+`Authorization: Bearer <key>` on the API (set but empty is an error, not "no key"). Every chat
+request must be JSON from no other origin, its body is refused past 1 MB while it is read, and it
+ends with 504 after request_timeout_s. A model replica whose decode loop is stuck, or whose last
+steps all failed, reports itself unhealthy, and Serve replaces it.
 """
 
 import hmac
+import ipaddress
 import os
 import random
 import time
@@ -42,6 +46,7 @@ from serve.text import TextStream
 
 STATIC = Path(__file__).resolve().parent / "static"
 RETRY_AFTER_S = 1
+FAILED_STEPS_UNHEALTHY = 5  # decode steps failing in a row (every request in them got an error)
 
 
 class AppArgs(BaseModel):
@@ -57,6 +62,8 @@ class AppArgs(BaseModel):
     num_replicas: int | Literal["auto"] = 1  # "auto": autoscaling
     num_gpus: float = Field(0, ge=0)  # per model replica
     num_cpus: float = Field(1, ge=0)  # per model replica (torch uses this many threads)
+    request_timeout_s: float = Field(600, gt=0)  # a chat request's whole life, queue included; then 504
+    stuck_after_s: float = Field(120, gt=0)  # one decode step running longer: the replica is unhealthy
 
 
 # -----------------------------------------------------------------------------
@@ -99,6 +106,12 @@ class ChatModel:
         dtype = compute_dtype("auto", self.device)
         self.batcher = Batcher(model, self.tokenizer, args.max_batch, args.max_queue,
                                device_context=lambda: autocast(self.device, dtype), on_step=self._on_step)
+        self.stuck_after_s, self.max_failures = args.stuck_after_s, FAILED_STEPS_UNHEALTHY
+
+    def check_health(self) -> None:
+        """Serve calls this every few seconds; raising makes it replace this replica."""
+        if problem := self.batcher.health(self.stuck_after_s, self.max_failures):
+            raise RuntimeError(problem)
 
     def _on_step(self, batch_size: int) -> None:
         metric("batch").observe(batch_size)
@@ -173,9 +186,10 @@ async def _api_error(request: Request, error: api.ApiError) -> JSONResponse:
 @serve.deployment(max_ongoing_requests=1000)  # the ingress only awaits: many requests per replica
 @serve.ingress(web)
 class ChatAPI:
-    def __init__(self, model: DeploymentHandle, api_key: str | None = None):
+    def __init__(self, model: DeploymentHandle, api_key: str | None = None, request_timeout_s: float = 600):
         self.model = model.options(stream=True)
-        self.api_key = api_key or None
+        self.api_key = api_key
+        self.request_timeout_s = request_timeout_s
         self._info: dict | None = None
 
     async def info(self) -> dict:
@@ -216,25 +230,33 @@ class ChatAPI:
 
     # --- chat
 
-    async def _start(self, request: Request, route: str) -> tuple[api.ChatRequest, DeploymentResponseGenerator, int]:
-        """Validate and queue a request; errors here become 4xx before any byte is streamed."""
+    async def _start(self, request: Request, route: str
+                     ) -> tuple[api.ChatRequest, DeploymentResponseGenerator, AsyncIterator[dict], int]:
+        """Validate and queue a request; errors here become 4xx before any byte is streamed.
+        Returns the model's generator (to cancel) and its events under the request's deadline."""
         metric("requests").inc(tags={"route": route})
+        api.check_browser_request(request.headers)
         self._authorize(request)
-        chat = api.parse_chat_request(await request.body())
-        events = self.model.generate.remote(chat.conversation(), chat.token_budget(), chat.temperature,
-                                            chat.top_k, chat.seed, chat.stop_strings())
+        chat = api.parse_chat_request(await api.read_body(request.stream(), request.headers))
+        generator = self.model.generate.remote(chat.conversation(), chat.token_budget(), chat.temperature,
+                                               chat.top_k, chat.seed, chat.stop_strings())
+        events = api.within(generator, self.request_timeout_s)
         try:
-            first = await events.__anext__()
+            first = await anext(events)
         except BackPressureError as error:
+            generator.cancel()
             raise api.ApiError(429, f"server busy: {error}", retry_after=RETRY_AFTER_S) from None
+        except api.ApiError:
+            generator.cancel()
+            raise
         if "error" in first:
             raise api.ApiError(first["error"], first["message"], first.get("param"), first.get("code"),
                                first.get("retry_after"))
-        return chat, events, first["prompt_tokens"]
+        return chat, generator, events, first["prompt_tokens"]
 
     @web.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        chat, events, prompt_tokens = await self._start(request, "/v1/chat/completions")
+        chat, generator, events, prompt_tokens = await self._start(request, "/v1/chat/completions")
         name, id_ = (await self.info())["name"], api.completion_id()
         if not chat.stream:
             pieces, end = [], {}
@@ -245,7 +267,7 @@ class ChatAPI:
                     else:
                         end = event
             finally:
-                events.cancel()
+                generator.cancel()
             return api.completion(id_, name, "".join(pieces), end["finish_reason"], prompt_tokens,
                                   end["completion_tokens"])
 
@@ -263,14 +285,14 @@ class ChatAPI:
                 metric("errors").inc(tags={"code": "500"})
                 yield api.sse(api.ApiError(500, f"generation failed: {error}").body())
             finally:
-                events.cancel()  # the client left: stop the model's row now
+                generator.cancel()  # the client left: stop the model's row now
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @web.post("/chat/completions")
     async def chat_completions_reference(self, request: Request):
         """The reference's shape: `data: {"token": ...}` events, then `data: {"done": true}`."""
-        _, events, _ = await self._start(request, "/chat/completions")
+        _, generator, events, _ = await self._start(request, "/chat/completions")
 
         async def sse() -> AsyncIterator[str]:
             try:
@@ -279,12 +301,36 @@ class ChatAPI:
                         yield api.sse({"token": event["text"]})
                 yield api.sse({"done": True})
             finally:
-                events.cancel()
+                generator.cancel()
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 # -----------------------------------------------------------------------------
+
+
+def api_key_from_env() -> str | None:
+    """NANOCHAT_API_KEY: unset means no key; set but blank is a mistake (an empty secret in a
+    deploy config), refused rather than silently serving without authentication."""
+    key = os.environ.get("NANOCHAT_API_KEY")
+    if key is not None and not key.strip():
+        raise ValueError("NANOCHAT_API_KEY is set but empty: set it to a secret to require "
+                         "`Authorization: Bearer <key>`, or unset it to serve without a key")
+    return key
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A loud warning when the API listens beyond this machine with no key; None otherwise."""
+    if api_key is not None or host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name other than localhost: it may resolve to anything
+        pass
+    return (f"WARNING: serving on {host} with no API key: anyone who can reach this address can use the "
+            f"model and its compute. Set NANOCHAT_API_KEY=<secret> (clients send `Authorization: Bearer "
+            f"<secret>`), or bind 127.0.0.1.")
 
 
 def build_app(args: dict | AppArgs) -> serve.Application:
@@ -298,7 +344,7 @@ def build_app(args: dict | AppArgs) -> serve.Application:
         max_queued_requests=args.max_batch + args.max_queue,
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
     ).bind(args)
-    return ChatAPI.bind(model, os.environ.get("NANOCHAT_API_KEY"))
+    return ChatAPI.bind(model, api_key_from_env(), args.request_timeout_s)
 
 
 app = build_app({})

@@ -13,6 +13,7 @@ leaves is recorded and its row removed before the next step.
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,9 @@ class Batcher:
         self._joining: list[_Request] = []  # requests whose prefill runs in this step
         self.steps = 0
         self.tokens_generated = 0
+        self.step_started: float | None = None  # monotonic time the running forward began
+        self.failures_in_a_row = 0  # decode steps that raised since the last one that did not
+        self.last_error: Exception | None = None
         self._wake = asyncio.Event()
         self._loop: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode")
@@ -78,6 +82,15 @@ class Batcher:
     def stats(self) -> dict:
         return {"active": len(self.live) + len(self._joining), "waiting": len(self.waiting), "max_batch": self.max_batch,
                 "max_queue": self.max_queue, "steps": self.steps, "tokens_generated": self.tokens_generated}
+
+    def health(self, stuck_after_s: float, max_failures: int) -> str | None:
+        """Why this batcher cannot serve (None when it can): a forward running longer than
+        stuck_after_s (a hung device or kernel), or max_failures steps in a row that raised."""
+        if self.step_started is not None and (running := time.monotonic() - self.step_started) > stuck_after_s:
+            return f"the decode loop is stuck: one step has run for {running:.0f} s (limit {stuck_after_s:g} s)"
+        if self.failures_in_a_row >= max_failures:
+            return f"{self.failures_in_a_row} decode steps in a row failed; the last: {self.last_error!r}"
+        return None
 
     async def stream(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[list[int]]:
         """The request's token ids as they are produced.
@@ -138,13 +151,17 @@ class Batcher:
             joining = self._joining = []
             while self.waiting and len(self.batch) + len(joining) < self.max_batch:
                 joining.append(self.waiting.popleft())
+            self.step_started = time.monotonic()
             try:
                 row_ids, out = await loop.run_in_executor(self._executor, self._step, joining)
             except Exception as error:  # a failed forward ends every request in it, not the server
+                self.failures_in_a_row, self.last_error = self.failures_in_a_row + 1, error
                 self._fail_all(joining, error)
                 continue
             finally:
                 self._joining = []
+                self.step_started = None
+            self.failures_in_a_row = 0
             for request, row_id in zip(joining, row_ids):
                 request.row_id = row_id
                 self.live[row_id] = request

@@ -119,6 +119,57 @@ def test_corrupt_latest_falls_back_to_previous_good_step(stage_dir):
         load_checkpoint(stage_dir, step=2)
 
 
+def _manifest_entry(meta):
+    return meta["files"]["model.pt"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda meta: [meta],  # not an object
+    lambda meta: {**meta, "files": []},  # wrong type, empty list
+    lambda meta: {**meta, "files": {}},  # empty manifest
+    lambda meta: {k: v for k, v in meta.items() if k != "files"},
+    lambda meta: {k: v for k, v in meta.items() if k != "step"},
+    lambda meta: {k: v for k, v in meta.items() if k != "world_size"},
+    lambda meta: {**meta, "step": "2"},
+    lambda meta: {**meta, "step": 3},  # not the step its directory is named for
+    lambda meta: {**meta, "world_size": 0},
+    lambda meta: {**meta, "files": {"optim_rank0.pt": meta["files"]["optim_rank0.pt"]}},  # no model.pt
+    lambda meta: {**meta, "files": {**meta["files"], "model.pt": {**_manifest_entry(meta), "bytes": "123"}}},
+    lambda meta: {**meta, "files": {**meta["files"], "model.pt": {"bytes": _manifest_entry(meta)["bytes"]}}},
+    lambda meta: {**meta, "files": {**meta["files"], "model.pt": {**_manifest_entry(meta), "sha256": "abc"}}},
+    lambda meta: {**meta, "files": {**meta["files"], "../../meta.json": _manifest_entry(meta)}},
+    lambda meta: {**meta, "model_config": "d2"},
+])
+def test_malformed_meta_is_rejected_like_a_corrupt_step(stage_dir, damage):
+    save(stage_dir, 1)
+    path = save(stage_dir, 2)
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(damage(meta)))
+    with pytest.warns(UserWarning, match="step_000002"):
+        assert latest_step(stage_dir) == 1
+    with pytest.raises(CheckpointError, match="meta.json"):
+        load_checkpoint(stage_dir, step=2)
+
+
+def test_a_loaded_file_must_be_in_the_manifest(stage_dir):
+    path = save(stage_dir, 1)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["files"]["optim_rank0.pt"]  # the file is there, its hash is not: it could be anything
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="optim_rank0.pt"):
+        load_checkpoint(stage_dir, step=1)
+    load_checkpoint(stage_dir, step=1, load_optimizer=False)  # the model alone is covered
+
+
+@pytest.mark.parametrize("stage, tag", [
+    ("base", "../d2"), ("base", "/tmp/d2"), ("base", "d2/../../x"), ("base", ".."), ("base", ""),
+    ("base", "d2\\x"), ("../base", "d2"), ("base", ".hidden"),
+])
+def test_stage_and_tag_cannot_leave_the_artifact_root(tmp_path, stage, tag):
+    with pytest.raises(ValueError, match="stage|model tag"):
+        checkpoint_dir(stage, tag, tmp_path)
+
+
 def test_model_from_checkpoint_gives_identical_logits(stage_dir):
     model = tiny_model()
     idx = torch.randint(0, TINY.vocab_size, (2, 16))
@@ -191,3 +242,47 @@ def test_per_rank_directories_then_finalize(tmp_path):
         read_checkpoint(merged, rank=1)
     (rank1 / "optim_rank1.pt").rename(merged / "optim_rank1.pt")
     assert read_checkpoint(merged, rank=1)[1] == [{"lr": 0.2}]
+
+
+def test_concurrent_atomic_writers_never_share_a_temp_file(tmp_path, monkeypatch):
+    import os
+
+    from nanochat_ray import common
+
+    # both writers reach their sync at the same moment, then both rename: with one shared temp
+    # name the second rename finds nothing and the survivor may hold a mix of both
+    barrier, real_fsync = threading.Barrier(2, timeout=10), os.fsync
+    monkeypatch.setattr(common.os, "fsync", lambda fd: (barrier.wait(), real_fsync(fd)))
+    target, errors = tmp_path / "meta.json", []
+    payloads = [b"a" * 300_000, b"b" * 200_000]
+
+    def write(data):
+        try:
+            common.write_atomic(target, data)
+        except Exception as e:  # noqa: BLE001 - the test reports it below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and target.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+def test_a_failed_atomic_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    from nanochat_ray import common
+
+    target = tmp_path / "LATEST"
+    target.write_text("step_000001\n")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        common.write_atomic(target, "step_000002\n")
+    with pytest.raises(ZeroDivisionError):
+        common.write_atomic(tmp_path / "token_bytes.pt", lambda path: (path.write_bytes(b"x"), 1 / 0))
+    assert [p.name for p in tmp_path.iterdir()] == ["LATEST"] and target.read_text() == "step_000001\n"

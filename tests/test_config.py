@@ -69,6 +69,14 @@ def test_command_line_errors_name_the_flag(argv, fragment, capsys):
     (dict(dtype="fp8"), "dtype"),
     (dict(depth="4"), "depth"),  # wrong type
     (dict(colour=1), "colour"),  # unknown key
+    (dict(matrix_lr=-0.02), "matrix_lr"),
+    (dict(embedding_lr=-1.0), "embedding_lr"),
+    (dict(unembedding_lr=-0.004), "unembedding_lr"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(grad_clip=-1.0), "grad_clip"),
+    (dict(depth=1000), "depth"),  # absurd: ~10^12 parameters
+    (dict(eval_tokens=0), "eval_tokens"),  # less than one batch of 2 × 64 tokens
+    (dict(eval_tokens=-128), "eval_tokens"),
 ])
 def test_impossible_configs_are_rejected_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):

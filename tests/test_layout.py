@@ -16,3 +16,20 @@ def test_core_modules_do_not_import_ray():
     code = f"import sys; {imports}; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_torch_load_refuses_pickled_code():
+    # torch < 2.6 unpickles arbitrary objects by default: a poisoned checkpoint would run code
+    import ast
+
+    unsafe = []
+    for path in sorted(ROOT.glob("**/*.py")):
+        if ".venv" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+                    and not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                                for k in node.keywords)):
+                unsafe.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert unsafe == [], f"torch.load without weights_only=True: {unsafe}"

@@ -119,7 +119,7 @@ def test_state_dict_round_trip():
     train_steps(model, optimizers, x, y, steps=1, start=2)
 
     buffer.seek(0)
-    saved = torch.load(buffer)
+    saved = torch.load(buffer, weights_only=True)
     fresh = tiny_gpt(seed=123)
     fresh.load_state_dict(saved["model"])
     fresh_optimizers = build_optimizers(fresh)
@@ -197,7 +197,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     single = _runs(init_state, x, y, seed=0)
 
     mp.spawn(_worker, args=(2, _free_port(), init_state, x, y, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     for ns_dtype in (torch.float32, torch.bfloat16):
         # every rank ends with bit-identical weights: each slice comes from one owner's broadcast

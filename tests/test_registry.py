@@ -149,3 +149,132 @@ def test_shard_urls():
     assert shard_url(1822).endswith("/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_01822.parquet")
     with pytest.raises(ValueError):
         shard_url(1823)
+
+
+# -----------------------------------------------------------------------------
+# pinned and verified downloads, against a fake hub on 127.0.0.1
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A fake hub: branch head COMMIT, paths-info from `meta`, file bytes from `files` (the test
+    makes them disagree); paths under /cut/ announce 100 bytes more than they send (/raw/: no
+    Content-Length). Yields (base url, files, meta, log of GET paths)."""
+    import hashlib
+    import json as json_
+    import urllib.parse
+
+    files, meta, log = {}, {}, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, body: bytes, length: int | None = None):
+            self.send_response(200)
+            if length is not None:
+                self.send_header("Content-Length", str(length))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            log.append(self.path)
+            if self.path.endswith("/revision/main"):
+                return self._send(json_.dumps({"sha": COMMIT}).encode())
+            if self.path.startswith(("/cut/", "/raw/")):
+                body = files[self.path[5:]]
+                return self._send(body, len(body) + 100 if self.path.startswith("/cut/") else None)
+            prefix = f"/datasets/openai/gsm8k/resolve/{COMMIT}/"
+            if self.path.startswith(prefix) and self.path[len(prefix):] in files:
+                return self._send(files[self.path[len(prefix):]], len(files[self.path[len(prefix):]]))
+            self.send_error(404)
+
+        def do_POST(self):
+            path = urllib.parse.parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())["paths"][0]
+            assert self.path == f"/api/datasets/openai/gsm8k/paths-info/{COMMIT}"
+            data = meta[path]
+            info = {"type": "file", "path": path, "size": len(data), "oid": "0" * 40,
+                    "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 130}}
+            self._send(json_.dumps([info]).encode())
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    monkeypatch.setattr(registry, "HUB", base, raising=False)
+    yield base, files, meta, log
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _parquet_bytes(rows: list[dict]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
+def test_hub_files_come_from_one_pinned_commit_and_are_verified(hub, monkeypatch):
+    import json as json_
+
+    base, files, meta, log = hub
+    good, other = _parquet_bytes([{"question": "q", "answer": "a"}]), _parquet_bytes([{"question": "x", "answer": "y"}])
+    files["main/train.parquet"] = meta["main/train.parquet"] = good
+    files["main/test.parquet"], meta["main/test.parquet"] = other, good  # the hub's record says otherwise
+    for split in ("train", "test"):
+        monkeypatch.setitem(registry.SOURCES["gsm8k"], split,
+                            Source((f"{base}/datasets/openai/gsm8k/resolve/main/main/{split}.parquet",), None))
+
+    assert read_records(resolve("gsm8k", "train")) == [{"question": "q", "answer": "a"}]
+    assert f"/datasets/openai/gsm8k/resolve/{COMMIT}/main/train.parquet" in log  # the commit, not the branch
+    pins = json_.loads((registry.cache_dir("gsm8k").parent / "pins.json").read_text())
+    assert pins["revisions"] == {"openai/gsm8k": COMMIT}
+
+    with pytest.raises(DataUnavailableError, match=r"attempts: 1;.*test.parquet.*sha256.*not the pinned file"):
+        resolve("gsm8k", "test")
+    assert list((registry.cache_dir("gsm8k") / "test").iterdir()) == []  # the file was not kept
+
+
+@pytest.mark.parametrize("name", ["words.txt", "rows.jsonl", "rows.json", "rows.jsonl.gz", "bundle.zip",
+                                  "shard.parquet"])
+def test_a_truncated_download_is_detected_for_every_type(hub, tmp_path, name):
+    import gzip
+    import io
+    import json as json_
+
+    base, files, _, _ = hub
+    rows = [{"text": f"row {i} " * 20} for i in range(200)]
+    jsonl = "".join(json_.dumps(r) + "\n" for r in rows).encode()
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("eval_bundle/core.yaml", "x" * 5000)
+    files[name] = {"words.txt": b"aa\r\nab\r\n" * 500, "rows.jsonl": jsonl, "rows.json": json_.dumps(rows).encode(),
+                   "rows.jsonl.gz": gzip.compress(jsonl), "bundle.zip": archive.getvalue(),
+                   "shard.parquet": _parquet_bytes(rows)}[name]
+    dest = tmp_path / "dl" / name
+    with pytest.raises(DataUnavailableError, match="truncated transfer"):  # fewer bytes than announced
+        download_file(f"{base}/cut/{name}", dest, retries=1)
+    if name != "words.txt":  # no length announced and cut mid-file: each type's reader notices
+        whole = files[name]
+        files[name] = whole[:len(whole) * 2 // 3]
+        with pytest.raises(DataUnavailableError):
+            download_file(f"{base}/raw/{name}", dest, retries=1)
+        files[name] = whole
+    assert not dest.exists() and not list(dest.parent.iterdir())
+    assert download_file(f"{base}/raw/{name}", dest, retries=1).read_bytes() == files[name]
+
+
+def test_other_files_are_held_to_their_recorded_size_and_sha256(hub, tmp_path):
+    base, files, _, _ = hub
+    files["words.txt"] = b"aa\r\nab\r\n"
+    url, dest = f"{base}/raw/words.txt", tmp_path / "words.txt"
+    download_file(url, dest)  # the first download's size and sha256 are recorded...
+    dest.unlink()
+    files["words.txt"] = b"aa\r\nzz\r\n"
+    with pytest.raises(DataUnavailableError, match="words.txt: 8 bytes with sha256 .* are recorded for it"):
+        download_file(url, dest)  # ...and a later one must match them
+    assert not dest.exists()
+    with pytest.raises(DataUnavailableError, match="1 bytes with sha256 " + "0" * 64):
+        download_file(f"{base}/raw/words.txt", tmp_path / "w2.txt", expected=(1, "0" * 64))

@@ -256,3 +256,29 @@ def test_rl_job_on_gsm8k_smoke(ray_cluster, sft_root, smoke_tokenizer_dir, data_
 def test_bad_options_fail_before_any_work(sft_root, smoke_tokenizer_dir):
     with pytest.raises(ConfigError, match="samples_per_question"):
         rl_train(CFG, RLOptions(samples_per_question=0), tokenizer_dir=smoke_tokenizer_dir)
+
+
+TOY = RLOptions(task="toy", questions_per_step=2, samples_per_question=4, max_new_tokens=8, eval_questions=2)
+
+
+def test_a_learner_exception_restarts_from_the_last_rl_checkpoint(ray_cluster, sft_root, smoke_tokenizer_dir,
+                                                                   data_root, capsys):
+    from nanochat_ray.rl.loop import rl_config_defaults
+
+    cfg = make_config("smoke", depth=1, **{**rl_config_defaults("smoke"), "num_iterations": 4, "save_every": 2,
+                                           "eval_every": 0})
+    result = rl_train(cfg, TOY, tokenizer_dir=smoke_tokenizer_dir, data_root=str(data_root), fresh=True,
+                      max_failures=1, artifact_root=sft_root, fail_at_step=3, fail_in="learner")
+    out = capsys.readouterr().out
+    assert "RuntimeError: injected learner failure in the update to step 3" in out and "failure 1 of at most 1" in out
+    # step 3's update raised: nothing of it was recorded, and the restart from checkpoint 2 redid it
+    assert [m["step"] for m in result["history"]] == [1, 2, 3, 4] and result["checkpoint"].endswith("step_000004")
+
+
+def test_a_hung_call_is_a_clear_error_not_a_hang(ray_cluster, sft_root, smoke_tokenizer_dir, data_root, capsys):
+    from nanochat_ray.rl.loop import ActorTimeoutError
+
+    with pytest.raises(ActorTimeoutError, match="starting the learner took longer than 0.001 s.*--call-timeout-s"):
+        rl_train(CFG, dataclasses.replace(TOY, call_timeout_s=0.001), tokenizer_dir=smoke_tokenizer_dir,
+                 data_root=str(data_root), fresh=True, max_failures=1, artifact_root=sft_root)
+    assert "failure 1 of at most 1" in capsys.readouterr().out  # retried once, then gave up

@@ -150,7 +150,8 @@ def test_openai_sdk_round_trip_matches_the_engine(server, smoke_tokenizer_dir):
     (_chat(frobnicate=1), "frobnicate", "unrecognized"),
 ])
 def test_each_invalid_request_gets_400_with_an_openai_error_body(http, body, param, words):
-    response = (http.post("/v1/chat/completions", content=body) if isinstance(body, bytes)
+    response = (http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+                if isinstance(body, bytes)
                 else http.post("/v1/chat/completions", json=body))
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -243,6 +244,146 @@ def test_chat_cli_talks_to_the_server(server, http, monkeypatch):
     expected = http.post("/v1/chat/completions", json=_chat(temperature=0)).json()["choices"][0]["message"]["content"]
     assert messages[-1] == {"role": "assistant", "content": expected}
     assert "".join(pieces) == expected + "\n" and len(pieces) > 2
+
+
+def _raw_post(url: str, headers: list[str], body: bytes) -> bytes:
+    """POST over a bare socket that sends `body` and then nothing more (the request never ends);
+    returns the first bytes of the server's answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(("\r\n".join(["POST /v1/chat/completions HTTP/1.1", f"Host: {host}:{port}",
+                                     f"Authorization: Bearer {API_KEY}", "Content-Type: application/json",
+                                     *headers, "", ""])).encode() + body)
+        response = b""
+        while not response.endswith(b"}}") and (piece := sock.recv(4096)):  # headers, then the JSON error
+            response += piece
+        return response
+
+
+def test_a_body_over_the_limit_is_refused_before_it_ends(server):
+    # 2 MB of an unending chunked body: a server that reads the whole body before checking its
+    # size never answers (and would hold whatever a client sends); this one stops at 1 MB.
+    # (Serve's HTTP proxy still drains the socket into its own queue until the 413 is sent: see
+    # README "Serving" for the front proxy that caps bodies on a public address.)
+    piece = b"x" * 65536
+    body = b"".join(b"%x\r\n%b\r\n" % (len(piece), piece) for _ in range(32))
+    response = _raw_post(server["url"], ["Transfer-Encoding: chunked"], body)
+    assert response.startswith(b"HTTP/1.1 413") and b"1,000,000" in response, response[:300]
+    # a declared length over the limit is refused before any body byte arrives
+    response = _raw_post(server["url"], ["Content-Length: 64000000"], b"")
+    assert response.startswith(b"HTTP/1.1 413") and b"64,000,000" in response, response[:300]
+
+
+def test_a_browser_on_another_origin_cannot_drive_the_api(http):
+    # a page elsewhere can POST a "simple" request (form or text/plain) without a preflight:
+    # JSON-only and a same-origin check leave it nothing to send
+    response = http.post("/v1/chat/completions", content=b'{"messages": []}', headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415 and "application/json" in response.json()["error"]["message"]
+    response = http.post("/v1/chat/completions", json=_chat(), headers={"Origin": "http://evil.example"})
+    assert response.status_code == 403 and "origin" in response.json()["error"]["message"]
+    same = http.post("/v1/chat/completions", json=_chat(), headers={"Origin": str(http.base_url).rstrip("/")})
+    assert same.status_code == 200, same.text
+
+
+def test_an_empty_api_key_is_an_error_not_auth_off(monkeypatch):
+    from serve.app import AppArgs, build_app
+
+    monkeypatch.setenv("NANOCHAT_API_KEY", "  ")
+    with pytest.raises(ValueError, match="NANOCHAT_API_KEY is set but empty"):
+        build_app(AppArgs())
+
+
+def test_no_key_on_a_public_address_is_warned_about():
+    from serve.app import exposure_warning
+
+    assert "NANOCHAT_API_KEY" in exposure_warning("0.0.0.0", None)
+    assert "NANOCHAT_API_KEY" in exposure_warning("192.168.1.5", None)
+    assert exposure_warning("0.0.0.0", "k") is None
+    for loopback in ("127.0.0.1", "localhost", "::1"):
+        assert exposure_warning(loopback, None) is None
+
+
+def test_a_slow_generation_times_out_with_504():
+    import asyncio
+
+    from serve import api
+
+    async def slow():
+        yield {"prompt_tokens": 1}
+        yield {"text": "a"}
+        await asyncio.sleep(5)
+        yield {"text": "never"}
+
+    async def collect():
+        return [event async for event in api.within(slow(), 0.2)]
+
+    start = time.perf_counter()
+    with pytest.raises(api.ApiError) as info:
+        asyncio.run(collect())
+    assert info.value.status == 504 and "0.2 s" in info.value.message and time.perf_counter() - start < 2
+
+
+def _batcher(tokenizer_dir):
+    from serve.batcher import Batcher
+
+    cfg = make_config("smoke")
+    return Batcher(build_gpt(cfg.gpt_config()), Tokenizer.from_directory(tokenizer_dir), max_batch=2, max_queue=4)
+
+
+def test_a_stuck_or_always_failing_decode_loop_is_unhealthy(smoke_tokenizer_dir):
+    import asyncio
+    import threading
+
+    from serve.batcher import Sampling
+
+    async def ask(batcher, n=1):
+        async def one():
+            try:
+                return [ids async for ids in batcher.stream([1, 2, 3], Sampling(max_tokens=2))]
+            except RuntimeError as error:
+                return error
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+    async def scenario():
+        batcher = _batcher(smoke_tokenizer_dir)
+        assert batcher.health(stuck_after_s=5, max_failures=3) is None
+        await ask(batcher)  # a healthy step
+        assert batcher.health(stuck_after_s=5, max_failures=3) is None
+
+        # every forward fails: a few failed requests in a row make the replica unhealthy
+        real_step = batcher._step
+        batcher._step = lambda joining: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access"))
+        for _ in range(3):
+            assert isinstance((await ask(batcher))[0], RuntimeError)
+        assert "3 decode steps in a row failed" in batcher.health(stuck_after_s=5, max_failures=3)
+        batcher._step = real_step
+        await ask(batcher)  # one good step: healthy again
+        assert batcher.health(stuck_after_s=5, max_failures=3) is None
+
+        # a forward that never returns
+        release = threading.Event()
+        batcher._step = lambda joining: (release.wait(10), real_step(joining))[1]
+        task = asyncio.create_task(ask(batcher))
+        await asyncio.sleep(0.5)
+        assert "stuck" in batcher.health(stuck_after_s=0.2, max_failures=3)
+        release.set()
+        await task
+        assert batcher.health(stuck_after_s=0.2, max_failures=3) is None
+
+    asyncio.run(scenario())
+
+
+def test_the_model_replica_reports_its_health_to_serve():
+    from serve.app import ChatModel
+
+    class Batcher:
+        def health(self, stuck_after_s, max_failures):
+            return "the decode loop is stuck"
+
+    replica = object.__new__(ChatModel.func_or_class)
+    replica.batcher, replica.stuck_after_s, replica.max_failures = Batcher(), 60, 5
+    with pytest.raises(RuntimeError, match="stuck"):
+        replica.check_health()
 
 
 # -----------------------------------------------------------------------------

@@ -13,8 +13,8 @@ validation, so the val shard stays the same whatever N is, and is still the last
 With a local mirror (--data-root / NANOCHAT_DATA holding pretrain_text/) the mirror's files are used
 in place, its last file as validation, and nothing is downloaded.
 
-Each download is one Ray task (download_file: temp file, parquet check, rename, retries with
-backoff); at most `max_concurrency` run at once. Called from jobs/tokenizer.py (and pretraining).
+Each download is one Ray task (download_file: the pinned commit, size and sha256 from the hub,
+temp file, checks, rename, retries with backoff); at most `max_concurrency` run at once. Called from jobs/tokenizer.py (and pretraining).
 """
 
 import math

@@ -5,14 +5,22 @@ returns counts and generative sampling is seeded per example, N actors give exac
 numbers of one process.
 
     actors = start_eval_actors("sft", "d20", num_actors=8, use_gpu=True)
-    run_core(actors, bundle_dir, max_per_task=500)
-    run_chat(actors, ["ARC-Easy", "GSM8K"], data_root, max_per_task=None)
+    progress = Progress(evals_dir() / "chat_sft_d20.progress.json", {"model": label, ...})
+    run_core(actors, bundle_dir, max_per_task=500, progress=progress)
+    run_chat(actors, ["ARC-Easy", "GSM8K"], data_root, max_per_task=None, progress=progress)
+
+Crashes cost little: an actor whose process dies is restarted by Ray (it reloads the model) and
+its unfinished calls are retried (MAX_RESTARTS); every finished task's counts are written to the
+progress file at once, so a re-run of the same evaluation skips them (the file goes when the
+final results are saved).
 """
 
 import argparse
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -79,7 +87,42 @@ class Evaluator:
                                  autocast_ctx=self.autocast, **options)
 
 
-EvalActor = ray.remote(Evaluator)
+# an actor whose process dies (OOM kill, lost node, segfault) comes back with the model reloaded,
+# and the calls it had not finished run again; every call is a pure function of its arguments
+MAX_RESTARTS = 3
+EvalActor = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(Evaluator)
+
+
+class Progress:
+    """Finished tasks' results of one evaluation, on disk as they finish, so a re-run after a
+    crash resumes instead of starting over. `key` holds what the results depend on (model, step,
+    settings): a file written under another key is ignored and replaced."""
+
+    def __init__(self, path: Path | None, key: dict):
+        self.path, self.key, self.done = path, key, {}
+        if path is not None and path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except ValueError:
+                saved = {}  # a file of someone else's making: start over
+            if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("done"), dict):
+                self.done = saved["done"]
+                if self.done:
+                    print(f"resuming: {len(self.done)} task(s) already evaluated in {path}", flush=True)
+
+    def record(self, name: str, result: Any) -> Any:
+        self.done[name] = result
+        if self.path is not None:
+            write_atomic(self.path, json.dumps({"key": self.key, "done": self.done}, indent=2))
+        return result
+
+    def get_or_run(self, name: str, compute: Callable[[], Any]) -> Any:
+        return self.done[name] if name in self.done else self.record(name, compute())
+
+    def finish(self) -> None:
+        """The final results are saved: the progress file has served its purpose."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def start_eval_actors(stage: str, cfg: Config, tokenizer_dir: Path, data_root: str | None, num_actors: int,
@@ -93,34 +136,46 @@ def _shards(indices: list[int], n: int) -> list[list[int]]:
     return [indices[i::n] for i in range(n) if indices[i::n]]
 
 
-def run_core(actors: list, bundle_dir: Path, max_per_task: int | None) -> dict:
-    """CORE over the actors: every task's indices dealt round-robin, counts summed per task."""
+def run_core(actors: list, bundle_dir: Path, max_per_task: int | None, progress: Progress | None = None) -> dict:
+    """CORE over the actors: every task's indices dealt round-robin, counts summed per task;
+    tasks already in `progress` are not run again, finished ones are recorded there."""
+    progress = progress or Progress(None, {})
     tasks = core.load_core_tasks(bundle_dir)
     pending = {task.label: [actor.core.remote(task, shard) for actor, shard in
                             zip(actors, _shards(core.select_indices(task, max_per_task), len(actors)))]
-               for task in tasks}
+               for task in tasks if f"core/{task.label}" not in progress.done}
     counts = {}
-    for label, refs in pending.items():
-        parts = ray.get(refs)
-        counts[label] = (sum(c for c, _ in parts), sum(t for _, t in parts))
+    for task in tasks:
+        label = task.label
+        if label in pending:
+            parts = ray.get(pending[label])
+            progress.record(f"core/{label}", [sum(c for c, _ in parts), sum(t for _, t in parts)])
+        counts[label] = tuple(progress.done[f"core/{label}"])
         print(f"  {label:<40} {counts[label][0]:>5}/{counts[label][1]:<5}", flush=True)
     return core.core_results(tasks, counts)
 
 
 def run_chat(actors: list, task_names: list[str], data_root: str | None, max_per_task: int | None,
-             **options) -> dict:
-    """Chat evals over the actors; returns per-task accuracy and ChatCORE over the tasks run."""
+             progress: Progress | None = None, **options) -> dict:
+    """Chat evals over the actors; returns per-task accuracy and ChatCORE over the tasks run.
+    Tasks already in `progress` are not run again, finished ones are recorded there."""
+    progress = progress or Progress(None, {})
     pending = {}
     for name in task_names:
+        if f"chat/{name}" in progress.done:
+            continue
         n = len(load_eval_task(name, data_root))
         indices = list(range(n if max_per_task is None else min(n, max_per_task)))
         pending[name] = [actor.chat.remote(name, shard, **options)
                          for actor, shard in zip(actors, _shards(indices, len(actors)))]
     accuracies = {}
-    for name, refs in pending.items():
-        result = sum(ray.get(refs), EvalResult())
-        accuracies[name] = result.accuracy
-        print(f"  {name:<15} {result.num_correct:>5}/{result.num_total:<5} {result.accuracy:.4f}", flush=True)
+    for name in task_names:
+        if name in pending:
+            result = sum(ray.get(pending[name]), EvalResult())
+            progress.record(f"chat/{name}", [result.num_correct, result.num_total])
+        correct, total = progress.done[f"chat/{name}"]
+        accuracies[name] = correct / total if total else 0.0
+        print(f"  {name:<15} {correct:>5}/{total:<5} {accuracies[name]:.4f}", flush=True)
     return {"tasks": accuracies, "chatcore": chatcore(accuracies)}
 
 

@@ -87,8 +87,10 @@ class RolloutWorker:
 class Learner:
     """The policy being trained: model, optimizers, step count; gradients stream in per rollout."""
 
-    def __init__(self, cfg: Config, stage_dir: str, init_from: str | None, resume: bool, meta: dict):
+    def __init__(self, cfg: Config, stage_dir: str, init_from: str | None, resume: bool, meta: dict,
+                 fail_at_step: int | None = None):
         self.cfg, self.stage_dir, self.meta = cfg, Path(stage_dir), meta
+        self.fail_at_step = fail_at_step  # tests: the update to this step raises, once
         self.device = default_device()
         self.autocast = autocast(self.device, compute_dtype(cfg.dtype, self.device))
         torch.manual_seed(cfg.seed)
@@ -154,6 +156,9 @@ class Learner:
 
     def step(self, num_iterations: int) -> dict:
         """Normalise by the step's valid tokens, apply the LR schedule, update; returns its metrics."""
+        if self.fail_at_step == self.step_count + 1:
+            self.fail_at_step = None
+            raise RuntimeError(f"injected learner failure in the update to step {self.step_count + 1}")
         start = time.perf_counter()
         valid = max(1, self.valid_tokens)
         for p in self.model.parameters():

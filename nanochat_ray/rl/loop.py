@@ -64,6 +64,7 @@ class RLOptions:
     questions_per_call: int = 0  # questions per rollout call; 0 = half an actor's share (so results stream)
     placement: str = "separate"  # separate: learner and rollout actors one GPU each; colocated: half each
     cpus_per_actor: float = 1.0
+    call_timeout_s: float = 3600.0  # the longest any one actor call may take (a pass@k eval is the longest)
 
 
 # Small presets sample little and evaluate few questions, so the plumbing runs in seconds (smoke)
@@ -94,6 +95,25 @@ def check_options(options: RLOptions) -> None:
     check(options.eval_samples >= 1, f"eval_samples must be >= 1 (pass@1..k), got {options.eval_samples}")
     check(options.placement in ("separate", "colocated"), f"placement must be separate or colocated, "
                                                           f"got {options.placement!r}")
+    check(options.call_timeout_s > 0, f"call_timeout_s must be > 0, got {options.call_timeout_s}")
+
+
+class ActorTimeoutError(RuntimeError):
+    """An actor call took longer than call_timeout_s: the actor is hung, or the limit is too low."""
+
+
+def wait_for(refs, timeout: float, what: str):
+    """ray.get with a deadline: a hung actor becomes a clear error (and a restart), not a hang."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise ActorTimeoutError(f"{what} took longer than {timeout:g} s: an actor is hung or waits for resources "
+                                f"the cluster lacks; if it is only slow, raise --call-timeout-s") from None
+
+
+# what ends an attempt and restarts every actor from the last rl checkpoint: an actor that died,
+# an exception raised in the learner or a rollout actor, a call that hung
+RESTARTABLE = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ActorTimeoutError)
 
 
 # -----------------------------------------------------------------------------
@@ -118,7 +138,8 @@ class Rollouts:
         self.actors, self.options, self.version = actors, options, None
 
     def load(self, version: int, weights_ref) -> None:
-        ray.get([actor.load_weights.remote(version, weights_ref) for actor in self.actors])
+        wait_for([actor.load_weights.remote(version, weights_ref) for actor in self.actors],
+                 self.options.call_timeout_s, f"loading weights v{version} into the rollout actors")
         self.version = version
 
     def submit(self, task: str, split: str, indices: list[int], seeds: list[int], num_samples: int,
@@ -134,7 +155,8 @@ class Rollouts:
         indices = list(range(num_questions))
         seeds = [EVAL_SEED_OFFSET + i * n for i in indices]
         per_call = min(EVAL_QUESTIONS_PER_CALL, max(1, math.ceil(num_questions / len(self.actors))))
-        results: list[RolloutResult] = ray.get(self.submit(self.options.task, split, indices, seeds, n, per_call))
+        results: list[RolloutResult] = wait_for(self.submit(self.options.task, split, indices, seeds, n, per_call),
+                                                self.options.call_timeout_s, f"pass@k on {num_questions} questions")
         correct = [sum(r >= 1.0 for r in g.rewards) for result in results for g in result.groups]
         return {f"pass_at_{k}": float(np.mean([pass_at_k(n, c, k) for c in correct])) for k in range(1, n + 1)}
 
@@ -148,12 +170,15 @@ def question_order(num_examples: int, seed: int, step: int, per_step: int) -> li
 
 def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root: str | None = None,
              use_gpu: bool = False, cpus_per_worker: float = 1.0, resume: bool = False, fresh: bool = False,
-             max_failures: int = 2, artifact_root: Path | None = None, fail_at_step: int | None = None) -> dict:
+             max_failures: int = 2, artifact_root: Path | None = None, fail_at_step: int | None = None,
+             fail_in: str = "rollout") -> dict:
     """Train stage `rl` from the latest `sft` checkpoint; returns the last metrics and checkpoint path.
 
-    When an actor dies (a lost node, an out-of-memory kill), every actor is restarted and the run
-    resumes from the last rl checkpoint, up to max_failures times (FailureConfig's behaviour for
-    the TorchTrainer stages). fail_at_step (tests) kills a rollout actor after that step, once.
+    When an actor dies (a lost node, an out-of-memory kill), the learner or a rollout actor raises,
+    or a call outlives options.call_timeout_s, every actor is restarted and the run resumes from
+    the last rl checkpoint, up to max_failures times (FailureConfig's behaviour for the
+    TorchTrainer stages). fail_at_step (tests) fails once at that step: fail_in "rollout" kills a
+    rollout actor after it, "learner" makes the learner's update raise.
     """
     check_options(options)
     stage_dir = check_stage(cfg, "rl", tokenizer_dir, 1, resume, fresh, artifact_root)
@@ -174,23 +199,27 @@ def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root:
     history: list[dict] = []  # every attempt's steps (a step redone after a failure appears twice)
     for attempt in range(max_failures + 1):
         launched = time.perf_counter()
+        fail = fail_at_step if attempt == 0 else None
         learner = LearnerActor.options(num_cpus=cpus_per_worker, **gpus).remote(
-            cfg, str(stage_dir), str(start_from), resume or attempt > 0, {"rl": asdict(options)})
+            cfg, str(stage_dir), str(start_from), resume or attempt > 0, {"rl": asdict(options)},
+            fail_at_step=fail if fail_in == "learner" else None)
         actors = [RolloutActor.options(num_cpus=options.cpus_per_actor, **gpus).remote(cfg, str(tokenizer_dir), mirror)
                   for _ in range(options.num_rollout_actors)]
         try:
-            started = ray.get(learner.describe.remote())
+            started = wait_for(learner.describe.remote(), options.call_timeout_s, "starting the learner")
             print(f"rl: {options.task}, {Q} questions x {S} samples per step, steps {started['step']}.."
                   f"{num_iterations}, {len(actors)} rollout actor(s), starting from {started['started_from']} "
                   f"(actors up in {time.perf_counter() - launched:.1f}s)", flush=True)
             run = RLRun(cfg, options, stage_dir, learner, Rollouts(actors, options), num_iterations, len(train_task),
                         eval_questions, per_call, history)
-            return run.train(started["step"], fail_at_step if attempt == 0 else None)
-        except ray.exceptions.RayActorError as e:
+            return run.train(started["step"], fail if fail_in == "rollout" else None)
+        except RESTARTABLE as e:
             if attempt == max_failures:
                 raise
-            print(f"an actor died ({type(e).__name__}); restarting from the last rl checkpoint "
-                  f"(failure {attempt + 1} of at most {max_failures})", flush=True)
+            cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+            print(f"attempt {attempt + 1} failed ({type(cause).__name__}: {str(cause).splitlines()[0][:300]}); "
+                  f"restarting every actor from the last rl checkpoint (failure {attempt + 1} of at most "
+                  f"{max_failures})", flush=True)
         finally:
             for actor in [learner, *actors]:
                 ray.kill(actor)
@@ -218,9 +247,10 @@ class RLRun:
         self.eval_questions, self.per_call = eval_questions, per_call
         self.logger, self.gauges = make_logger(cfg, "rl", 0), dashboard_gauges()
         self.history = history
+        self.timeout = options.call_timeout_s
 
     def publish(self) -> None:
-        version, [weights] = ray.get(self.learner.publish.remote())
+        version, [weights] = wait_for(self.learner.publish.remote(), self.timeout, "publishing the weights")
         self.rollouts.load(version, weights)
 
     def record(self, metrics: dict) -> None:
@@ -239,12 +269,13 @@ class RLRun:
         indices = question_order(self.num_train, self.cfg.seed, step, Q)
         seeds = [self.cfg.seed + (step * Q + j) * S for j in range(Q)]  # reproducible, whichever actor samples
         refs = self.rollouts.submit(self.options.task, "train", indices, seeds, S, self.per_call)
-        for ref in refs:  # in submission order: the gradient sum does not depend on who finishes first
-            self.learner.accumulate.remote(ref)
+        # in submission order: the gradient sum does not depend on who finishes first
+        accumulated = [self.learner.accumulate.remote(ref) for ref in refs]
         stats = self.learner.step.remote(self.num_iterations)
-        results: list[RolloutResult] = ray.get(refs)
+        results: list[RolloutResult] = wait_for(refs, self.timeout, f"step {step + 1}'s rollouts")
         rollout_seconds = time.perf_counter() - start
-        learner_metrics = ray.get(stats)
+        # the accumulate calls too: a learner that raised on a rollout must not update without it
+        learner_metrics = wait_for([*accumulated, stats], self.timeout, f"step {step + 1}'s update")[-1]
         step_seconds = time.perf_counter() - start
         self.publish()
 
@@ -272,7 +303,7 @@ class RLRun:
             if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last):
                 metrics |= self.rollouts.pass_at_k("test", self.eval_questions)
             if saving is not None:
-                checkpoint, saving = ray.get(saving), None
+                checkpoint, saving = wait_for(saving, self.timeout, "saving a checkpoint"), None
             if last or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0):
                 saving = self.learner.save.remote(metrics)  # written while the next step samples
             eta = (self.num_iterations - step - 1) * (time.perf_counter() - run_start) / (step + 1 - first_step)
@@ -285,11 +316,11 @@ class RLRun:
             self.record(metrics)
             if fail_at_step == step + 1:
                 if saving is not None:  # so the test knows which checkpoint the restart finds
-                    checkpoint, saving = ray.get(saving), None
+                    checkpoint, saving = wait_for(saving, self.timeout, "saving a checkpoint"), None
                 print(f"injected failure: killing a rollout actor after step {step + 1}", flush=True)
                 ray.kill(self.rollouts.actors[-1])
         if saving is not None:
-            checkpoint = ray.get(saving)
+            checkpoint = wait_for(saving, self.timeout, "saving the last checkpoint")
         return {"metrics": self.history[-1] if self.history else {}, "checkpoint": checkpoint, "history": self.history}
 
 
