@@ -146,6 +146,7 @@ def sample_greedy(model: GPT, prompt_ids: list[int], max_tokens: int) -> list[in
     """Greedy continuation without a KV cache: only for the few fixed-prompt samples."""
     ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
     for _ in range(max_tokens):
-        next_id = model(ids[:, -model.config.sequence_len:])[:, -1].argmax(-1, keepdim=True)
+        hidden = model.hidden_states(ids[:, -model.config.sequence_len:])[:, -1]  # the last position's only
+        next_id = model.logits(hidden).argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_id], dim=1)
     return ids[0, len(prompt_ids):].tolist()
