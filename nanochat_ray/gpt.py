@@ -29,8 +29,8 @@ import torch.nn.functional as F
 SOFTCAP = 15.0  # logits are squashed to (-15, 15) by SOFTCAP·tanh(logits / SOFTCAP)
 # Rows of (B·T) per chunk of the head + loss. 4,096 rows × 65,536 vocab is 1 GiB of fp32 logits
 # (and as much for their gradient) at d20, ~1.5% of an 80 GB GPU, while each chunk's lm_head
-# matmul (4,096 × 1,280 × 65,536, 0.7 TFLOP fwd+bwd ×3) still dwarfs a kernel launch. On CPU,
-# chunks from 512 rows up ran as fast as one big matmul (README, Benchmarks).
+# matmul (4,096 × 1,280 × 65,536: 0.7 TFLOP, three of them fwd+bwd) still dwarfs a kernel launch.
+# On CPU, chunks of 256 to 1,024 rows ran alike, and faster than the plain path (README, Benchmarks).
 HEAD_CHUNK_ROWS = 4096
 
 
