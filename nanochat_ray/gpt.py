@@ -31,6 +31,10 @@ SOFTCAP = 15.0  # logits are squashed to (-15, 15) by SOFTCAP·tanh(logits / SOF
 # (and as much for their gradient) at d20, ~1.5% of an 80 GB GPU, while each chunk's lm_head
 # matmul (4,096 × 1,280 × 65,536: 0.7 TFLOP, three of them fwd+bwd) still dwarfs a kernel launch.
 # On CPU, chunks of 256 to 1,024 rows ran alike, and faster than the plain path (README, Benchmarks).
+# Memory of the head + loss at its peak (the backward): one chunk's fp32 logits, their fp32 gradient
+# and a bf16 copy of it under autocast, i.e. 2.5 × HEAD_CHUNK_ROWS × vocab × 4 bytes, plus an fp32
+# weight-gradient accumulator the size of lm_head; the forward peaks at 2 × (logits + log-sum-exp's
+# temporary). Saved between them: the hidden states and one fp32 log-sum-exp per row.
 HEAD_CHUNK_ROWS = 4096
 
 
