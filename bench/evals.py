@@ -47,7 +47,7 @@ def main() -> None:
              runtime_env={"env_vars": {"NANOCHAT_BASE_DIR": str(root)}})
     print(f"depth {cfg.depth} (UNTRAINED), {examples} examples over {', '.join(work)}; {os.cpu_count()} CPUs")
     for n in args.actors:
-        actors = start_eval_actors("base", cfg, root / "tokenizer", str(args.data_root), n)
+        actors = start_eval_actors("base", cfg, root / "tokenizer", str(args.data_root), n, allow_untrained=True)
         ray.get([a.describe.remote() for a in actors])  # model loaded: time the evaluation only
         start = time.perf_counter()
         refs = [actor.core.remote(task, work[task.label][i::n]) for task in tasks for i, actor in enumerate(actors)]

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     init_ray()
     start = time.time()
     actors = start_eval_actors("base", cfg, tokenizer_dir, args.data_root, args.num_actors, args.use_gpu,
-                               args.cpus_per_actor)
+                               args.cpus_per_actor, allow_untrained=args.allow_untrained)
     label = ray.get(actors[0].describe.remote())
     print(f"evaluating {label}")
     name = f"base_{cfg.model_tag}"

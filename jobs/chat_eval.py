@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     init_ray()
     start = time.time()
     actors = start_eval_actors(args.stage, cfg, args.tokenizer_dir or base_dir() / "tokenizer", args.data_root,
-                               args.num_actors, args.use_gpu, args.cpus_per_actor)
+                               args.num_actors, args.use_gpu, args.cpus_per_actor,
+                               allow_untrained=args.allow_untrained)
     label = ray.get(actors[0].describe.remote())
     print(f"evaluating {label} on {', '.join(args.tasks)} ({args.max_per_task or 'all'} examples per task)")
     name = f"chat_{args.stage}_{cfg.model_tag}"

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.num_workers != 1:
         parser.error("the RL learner is one actor: use --num-rollout-actors to add rollout actors")
-    preset = args.preset or default_preset()
+    preset = args.preset = args.preset or default_preset()  # decided (and said) once
     options = RLOptions(**{**RL_PRESETS.get(preset, {}),
                            **{f.name: getattr(args, f.name) for f in fields(RLOptions) if getattr(args, f.name) is not None}})
     cfg = config_from_args(args, lambda _: rl_config_defaults(preset))

@@ -81,11 +81,13 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def maybe_compile(model: torch.nn.Module, setting: str, device: torch.device) -> torch.nn.Module:
-    """torch.compile on CUDA by default ('auto'); 'on' / 'off' force it either way."""
+def maybe_compile(model: torch.nn.Module, setting: str, device: torch.device,
+                  dynamic: bool = False) -> torch.nn.Module:
+    """torch.compile on CUDA by default ('auto'); 'on' / 'off' force it either way (--compile on
+    runs the GPU path's compiled step on CPU). `dynamic`: one graph for every sequence length, for
+    batches whose length changes step to step; otherwise shapes are fixed and guards static."""
     if setting == "on" or (setting == "auto" and device.type == "cuda"):
-        # shapes are fixed during training, so no dynamic-shape guards are needed
-        return torch.compile(model, dynamic=False)
+        return torch.compile(model, dynamic=dynamic)
     return model
 
 

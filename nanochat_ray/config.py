@@ -3,14 +3,15 @@ Run configuration: one dial (depth) plus named presets, all plain data.
 
     cfg = config_from_argv(["--preset", "smoke", "--depth", "3"])
 
-Every job takes `--preset NAME` (default: `cpu` without a GPU, `d20` with one) and a
-`--field-name VALUE` flag for every field below. Bad values fail here, before any work,
+Every job takes `--preset NAME` (default: `d20` when the Ray cluster, or without one this
+machine, has a GPU, else `cpu`) and a `--field-name VALUE` flag for every field below. Bad values fail here, before any work,
 with a message that names the field.
 """
 
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -136,8 +137,28 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def cluster_gpus() -> tuple[float, str]:
+    """(GPUs, where that count comes from): the Ray cluster's when this process is on one (a job
+    submitted from a CPU head trains on the workers' GPUs), else this machine's CUDA devices."""
+    import sys
+
+    on_cluster = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or bool(os.environ.get("RAY_ADDRESS"))
+    if on_cluster or ("ray" in sys.modules and sys.modules["ray"].is_initialized()):
+        from nanochat_ray.common import init_ray  # only here: the core does not import Ray otherwise
+
+        init_ray()
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0), "the Ray cluster"
+    return torch.cuda.device_count(), "this machine (no Ray cluster)"
+
+
 def default_preset() -> str:
-    return "d20" if torch.cuda.is_available() else "cpu"
+    """d20 where there are GPUs to train on, cpu otherwise; prints which and why."""
+    gpus, where = cluster_gpus()
+    preset = "d20" if gpus > 0 else "cpu"
+    print(f"preset {preset}: no --preset given and {where} has {gpus:g} GPU(s)", flush=True)
+    return preset
 
 
 def make_config(preset: str, **overrides) -> Config:
@@ -217,7 +238,8 @@ def _finite(kind: type):
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("config (preset plus overrides)")
     group.add_argument("--preset", choices=list(PRESETS), default=None,
-                       help="named preset (default: cpu without a GPU, d20 with one)")
+                       help="named preset (default: d20 when the Ray cluster, or without one this "
+                            "machine, has a GPU; else cpu)")
     for f in dataclasses.fields(Config):
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                            type=_finite(type(f.default)), metavar=type(f.default).__name__.upper(),

@@ -91,11 +91,15 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_rows: int, seq_len: int = 256):
+        """Build inside the autocast context the steps will run in: the KV cache takes its dtype."""
         self.model, self.tokenizer = model, tokenizer
         c = model.config
         weight = model.lm_head.weight
         device = weight.device
-        self.cache = KVCache(max_rows, c.n_kv_head, c.head_dim, c.n_layer, seq_len, device, weight.dtype)
+        # keys and values in the compute dtype: autocast's when it is on here (bf16 on GPU, half
+        # the cache of fp32), else the weights'
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+        self.cache = KVCache(max_rows, c.n_kv_head, c.head_dim, c.n_layer, seq_len, device, dtype)
         self.rows: list[_Row] = []
         # per-row settings, indexed like the cache; rows [len(self.rows), max_rows) are free
         self.inputs = torch.zeros(max_rows, dtype=torch.long, device=device)  # token fed in next step

@@ -8,6 +8,9 @@ Notable features:
 - grouped-query attention (n_kv_head divides n_head)
 - ReLU² MLP, no biases anywhere
 - untied embedding and lm_head; logits soft-capped at 15·tanh(x/15)
+- the lm_head, soft-cap and cross-entropy run in chunks of HEAD_CHUNK_ROWS rows, forward and
+  backward, so the (B·T, vocab) logits never exist whole (65,536 columns × 65,536 rows of a d20
+  micro-batch would be 16 GiB of fp32)
 - a KV-cache forward path for the inference engine, with a length per row so unrelated
   requests decode in one batch
 
@@ -24,8 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SOFTCAP = 15.0  # logits are squashed to (-15, 15) by SOFTCAP·tanh(logits / SOFTCAP)
-# oneDNN's fp32 linear (a private op of torch.compile's CPU backend); None where absent
-_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+# Rows of (B·T) per chunk of the head + loss. 4,096 rows × 65,536 vocab is 1 GiB of fp32 logits
+# (and as much for their gradient) at d20, ~1.5% of an 80 GB GPU, while each chunk's lm_head
+# matmul (4,096 × 1,280 × 65,536: 0.7 TFLOP, three of them fwd+bwd) still dwarfs a kernel launch.
+# On CPU, chunks of 256 to 1,024 rows ran alike, and faster than the plain path (README, Benchmarks).
+# Memory of the head + loss at its peak (the backward): one chunk's fp32 logits, their fp32 gradient
+# and a bf16 copy of it under autocast, i.e. 2.5 × HEAD_CHUNK_ROWS × vocab × 4 bytes, plus an fp32
+# weight-gradient accumulator the size of lm_head; the forward peaks at 2 × (logits + log-sum-exp's
+# temporary). Saved between them: the hidden states and one fp32 log-sum-exp per row.
+HEAD_CHUNK_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -264,35 +274,140 @@ class GPT(nn.Module):
         """idx (B, T) → logits (B, T, vocab), or the loss when targets are given.
 
         Targets of -1 are ignored. loss_reduction="none" gives per-token losses (B, T) for bpb.
+        The loss never builds the whole (B, T, vocab) logits (see head_loss); callers that need
+        logits at a few positions only should call `logits(hidden_states(idx)[rows, positions])`.
         """
-        B, T = idx.size()
         x = self.hidden_states(idx, kv_cache)
-        if kv_cache is not None:
-            assert targets is None, "the KV-cache path is for inference"
-            return self._inference_logits(x)
-        logits = self.lm_head(x).float()  # (B, T, vocab); fp32 for a stable softmax
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+            return self.logits(x)
+        assert kv_cache is None, "the KV-cache path is for inference"
+        loss = head_loss(x, self.lm_head.weight, targets, loss_reduction)
+        return loss.view(targets.shape) if loss_reduction == "none" else loss
 
-    def _inference_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """forward's logits (B, T, vocab) for the engine: few rows, no autograd, speed first.
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., n_embd) → soft-capped fp32 logits (..., vocab): the one logits path
+        outside the loss (the engine's decode steps, the evals' chosen positions)."""
+        return head_logits(hidden, self.lm_head.weight)
 
-        On CPU the lm_head runs through oneDNN's matmul (what torch.compile's CPU backend uses;
-        ~1.5x faster than nn.Linear's MKL gemm at decode sizes, where the lm_head is most of a
-        step), and the soft-cap cap·tanh(z/cap) runs in place as cap·(2·sigmoid(2z/cap) − 1):
-        torch's CPU tanh is ~10x slower than its sigmoid. Both agree with forward to ~1e-5.
-        """
-        B, T, C = x.shape
-        rows = x.reshape(B * T, C)
-        if _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-            logits = _ONEDNN_LINEAR(rows, self.lm_head.weight, None, "none", [None], "")
-        else:
-            logits = self.lm_head(rows).float()  # fp32 for a stable softmax
-        return logits.mul_(2 / SOFTCAP).sigmoid_().mul_(2 * SOFTCAP).sub_(SOFTCAP).view(B, T, -1)
+
+# -----------------------------------------------------------------------------
+# the soft-capped head and its loss, chunked
+
+
+def softcap(logits: torch.Tensor) -> torch.Tensor:
+    """SOFTCAP·tanh(logits / SOFTCAP), computed as SOFTCAP·(2·sigmoid(2·logits / SOFTCAP) − 1).
+
+    The same function (agreeing with tanh to ~1e-6 in fp32), and torch's CPU sigmoid is ~10×
+    faster than its tanh. Outside autograd it overwrites `logits`: a second (rows, vocab) buffer
+    is what chunking the head saves.
+    """
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return torch.sigmoid(logits * (2 / SOFTCAP)) * (2 * SOFTCAP) - SOFTCAP
+    return logits.mul_(2 / SOFTCAP).sigmoid_().mul_(2 * SOFTCAP).sub_(SOFTCAP)
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(..., C) hidden states, (V, C) lm_head weight → soft-capped fp32 logits (..., V): the matmul
+    in the inputs' (or autocast's) dtype, the soft-cap in fp32 for a stable softmax."""
+    return softcap((hidden @ weight.t()).float())
+
+
+# The loss is a pair of custom ops rather than a plain autograd.Function: torch.compile would trace
+# a Function's forward and backward into one graph, merge the backward's recomputed logits with the
+# forward's (common-subexpression elimination) and save every chunk's logits for the backward,
+# which is the whole (B·T, vocab) tensor again. An op's inside is opaque to the compiler, so the
+# compiled step saves what setup_context saves and no more. (Inside, the chunks run eagerly.)
+
+
+@torch.library.custom_op("nanochat::head_loss", mutates_args=())
+def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+               chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy of softcap(hidden @ weight.T) (0 where target < 0), and each row's
+    log-sum-exp, the one thing the backward keeps besides its inputs."""
+    n = hidden.size(0)
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for i in range(0, n, chunk_rows):
+        rows = slice(i, i + chunk_rows)
+        logits = head_logits(hidden[rows], weight)  # (rows, V) fp32, the only one alive
+        t = targets[rows]
+        lse[rows] = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+        losses[rows] = torch.where(t >= 0, lse[rows] - picked, 0.0)
+    return losses, lse
+
+
+@torch.library.custom_op("nanochat::head_loss_backward", mutates_args=())
+def _head_loss_backward(grad_losses: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        lse: torch.Tensor, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients wrt hidden and weight, recomputing each chunk's logits and turning them into that
+    chunk's gradient in place: one (rows, V) logits buffer and one gradient buffer at a time."""
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in fp32
+    for i in range(0, hidden.size(0), chunk_rows):
+        rows = slice(i, i + chunk_rows)
+        h, t = hidden[rows], targets[rows]
+        capped = head_logits(h, weight)  # (rows, V)
+        # d loss / d capped = softmax − one_hot(target), times the incoming gradient (0 if ignored)
+        grad = (capped - lse[rows, None]).exp_()
+        grad.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(lse[rows, None], -1.0))
+        grad.mul_(torch.where(t >= 0, grad_losses[rows], 0.0)[:, None])
+        # through the soft-cap: d capped / d z = 1 − (capped / SOFTCAP)²
+        grad = grad.mul_(capped.div_(SOFTCAP).square_().neg_().add_(1)).to(hidden.dtype)
+        del capped
+        grad_hidden[rows] = grad @ weight
+        grad_weight += (grad.t() @ h).float()
+    return grad_hidden, grad_weight.to(weight.dtype)
+
+
+@_head_loss.register_fake
+def _(hidden, weight, targets, chunk_rows):
+    n = hidden.size(0)
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+
+
+@_head_loss_backward.register_fake
+def _(grad_losses, hidden, weight, targets, lse, chunk_rows):
+    return torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, targets, chunk_rows = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[1])
+    ctx.chunk_rows = chunk_rows
+
+
+def _backward(ctx, grad_losses: torch.Tensor, _grad_lse):
+    hidden, weight, targets, lse = ctx.saved_tensors
+    grad_hidden, grad_weight = _head_loss_backward(grad_losses.contiguous(), hidden, weight, targets, lse,
+                                                   ctx.chunk_rows)
+    return grad_hidden, grad_weight, None, None
+
+
+_head_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+              chunk_rows: int = HEAD_CHUNK_ROWS) -> torch.Tensor:
+    """Cross-entropy of the soft-capped head: F.cross_entropy(softcap(hidden @ weight.T), targets,
+    ignore_index=-1, reduction=...) in value and gradient, chunk_rows rows of logits at a time.
+
+    hidden (..., C), targets (...); reduction "none" gives losses shaped like targets (0 where
+    ignored), "sum" their sum, "mean" the sum over the counted targets. Under autocast the
+    matmuls run in its dtype, as nn.Linear's would.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    losses, _ = _head_loss(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_rows)
+    if reduction == "none":
+        return losses.view(targets.shape)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (targets >= 0).sum()
 
 
 def build_gpt(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:

@@ -63,7 +63,8 @@ class Batcher:
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int, max_queue: int,
                  device_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  on_step: Callable[[int], None] = lambda n: None):
-        self.batch = DecodeBatch(model, tokenizer, max_rows=max_batch, seq_len=model.config.sequence_len)
+        with device_context():  # the KV cache takes the compute dtype (bf16 under autocast)
+            self.batch = DecodeBatch(model, tokenizer, max_rows=max_batch, seq_len=model.config.sequence_len)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device_context, self.on_step = device_context, on_step
         self.waiting: deque[_Request] = deque()

@@ -27,8 +27,12 @@ class TokenTableModel(nn.Module):
         self.table = nn.Embedding(vocab_size, vocab_size)
         nn.init.zeros_(self.table.weight)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.table(idx)  # (B, T, vocab)
+    # the GPT interface the categorical eval uses: hidden states, then the head at chosen positions
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.table(idx)  # (B, T, vocab): here the "hidden state" is already the logits
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.float()
 
 
 @pytest.fixture(scope="module")

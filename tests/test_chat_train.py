@@ -12,6 +12,7 @@ from nanochat_ray.config import ConfigError, make_config
 from nanochat_ray.tasks import GSM8K
 from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.train.chat import ChatData, chat_train, packed_rows, padded_rows
+from nanochat_ray.train.loop import PAD_ID, to_batch
 from nanochat_ray.train.loop import TrainState, to_batch
 from nanochat_ray.train.pretrain import pretrain
 from nanochat_ray.train.worker import METRICS_LOG
@@ -77,8 +78,11 @@ def test_packed_rows_keep_masks_and_order(smoke_tokenizer_dir, data_root):
 
 
 def test_padded_rows():
-    rows = padded_rows([([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1])])
-    np.testing.assert_array_equal(rows[1], [[4, 5, 0], [0, 1, 0]])
+    rows = padded_rows([([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1]), ([6], [0])])
+    np.testing.assert_array_equal(rows[1], [[4, 5, PAD_ID], [0, 1, 0]])  # padding: PAD_ID, masked
+    inputs, targets = to_batch(rows, torch.device("cpu"))
+    # padding goes in as token 0 and is never a target
+    assert inputs.tolist() == [[1, 2], [4, 5], [6, 0]] and targets.tolist() == [[2, 3], [5, -1], [-1, -1]]
 
 
 def test_chat_data_is_the_same_for_one_and_two_workers(smoke_tokenizer_dir, data_root):

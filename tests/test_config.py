@@ -88,3 +88,14 @@ def test_batch_must_divide_over_workers():
     validate(cfg, world_size=2)
     with pytest.raises(ConfigError, match="workers 4"):
         validate(cfg, world_size=4)
+
+
+def test_default_preset_follows_the_ray_cluster_not_the_driver(ray_cluster, monkeypatch, capsys):
+    from nanochat_ray.config import default_preset
+
+    assert default_preset() == "cpu"  # the test cluster has no GPU
+    assert "the Ray cluster has 0 GPU(s)" in capsys.readouterr().out
+    # a driver on a CPU-only head, workers with 8 GPUs: the cluster decides
+    monkeypatch.setattr(ray_cluster, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
+    assert default_preset() == "d20"
+    assert "preset d20: no --preset given and the Ray cluster has 8 GPU(s)" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanochat_ray.checkpoint import checkpoint_dir, save_checkpoint
-from nanochat_ray.config import make_config
+from nanochat_ray.config import ConfigError, make_config
 from nanochat_ray.evals import core
 from nanochat_ray.evals.actors import Progress, load_model, run_chat, run_core, start_eval_actors
 from nanochat_ray.evals.chat import EvalResult, chatcore, run_task_eval
@@ -32,8 +32,10 @@ def root(tmp_path_factory):
     return root
 
 
-def test_untrained_model_is_labelled(tmp_path):
-    _, label = load_model("sft", CFG, torch.device("cpu"), tmp_path)
+def test_a_missing_checkpoint_is_an_error_unless_untrained_is_allowed(tmp_path):
+    with pytest.raises(ConfigError, match=r"no sft checkpoint of d2 in .*--allow-untrained"):
+        load_model("sft", CFG, torch.device("cpu"), tmp_path)
+    _, label = load_model("sft", CFG, torch.device("cpu"), tmp_path, allow_untrained=True)
     assert label.startswith("UNTRAINED")
 
 

@@ -130,13 +130,96 @@ def test_kv_cache_rows_of_different_lengths_in_one_batch():
         torch.testing.assert_close(chunk[row], f[0, n + 1:n + 4], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("onednn", [True, False])
-def test_cached_logits_match_forward_with_and_without_onednn(onednn, monkeypatch):
-    # the cache path computes its logits its own way (oneDNN on CPU, nn.Linear elsewhere)
-    if not onednn:
-        monkeypatch.setattr(gpt, "_ONEDNN_LINEAR", None)
+def test_cached_logits_match_forward():
     model = randomize(build(TINY))
     idx = torch.randint(0, 300, (3, 12))
     with torch.no_grad():
         cached = model(idx, kv_cache=KVCache(3, TINY.n_kv_head, TINY.head_dim, TINY.n_layer, seq_len=12))
         torch.testing.assert_close(cached, model(idx), atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the chunked head + loss against the plain definition
+
+
+def plain_head_loss(hidden, weight, targets, reduction):
+    # what GPT's loss means: full fp32 logits, soft-capped with tanh, then cross-entropy
+    logits = gpt.SOFTCAP * torch.tanh((hidden @ weight.t()).float() / gpt.SOFTCAP)
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
+
+
+def head_case(rows: int = 37, dim: int = 16, vocab: int = 50):
+    torch.manual_seed(0)
+    hidden = torch.randn(rows, dim, requires_grad=True)
+    weight = (2 * torch.randn(vocab, dim)).requires_grad_()  # large enough logits to reach the cap
+    targets = torch.randint(0, vocab, (rows,))
+    targets[::5] = -1
+    return hidden, weight, targets
+
+
+def assert_head_matches(loss_fn, reduction, dtype):
+    hidden, weight, targets = head_case()
+    weighting = torch.randn(len(targets)) if reduction == "none" else torch.tensor(1.0)
+    results = []
+    for fn in (plain_head_loss, loss_fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = fn(hidden, weight, targets, reduction)
+        results.append((loss, *torch.autograd.grad(loss, (hidden, weight), weighting)))
+    (plain, *plain_grads), (chunked, *chunked_grads) = results
+    assert chunked.shape == plain.shape and chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    for got, want in zip(chunked_grads, plain_grads):
+        assert got.dtype == want.dtype == torch.float32
+        # bf16: the plain weight gradient is one bf16 matmul, ours a sum of per-chunk ones (~1 ulp apart)
+        scale = want.abs().max()
+        tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+        assert (got - want).abs().max() <= tolerance * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_chunked_head_loss_equals_the_plain_path(reduction, dtype):
+    # 37 rows in chunks of 8: four whole chunks and a ragged one; every fifth target ignored
+    assert_head_matches(lambda h, w, t, r: gpt.head_loss(h, w, t, r, chunk_rows=8), reduction, dtype)
+
+
+def test_compiled_head_loss_equals_the_plain_path_and_saves_no_logits():
+    # Dynamo + AOTAutograd (the partitioner decides what the compiled forward saves for the
+    # backward); "aot_eager" skips Inductor's C++ build, which the bf16 + compile smoke run covers
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    saved_shapes = []
+
+    def forward_compiler(graph_module, example_inputs):
+        outputs = next(node for node in graph_module.graph.nodes if node.op == "output").args[0]
+        saved_shapes.extend(tuple(node.meta["val"].shape) for node in outputs if "val" in node.meta)
+        return make_boxed_func(graph_module.forward)
+
+    def backend(graph_module, example_inputs):
+        return aot_module_simplified(graph_module, example_inputs, fw_compiler=forward_compiler,
+                                     bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h, w, t, r: gpt.head_loss(h, w, t, r, chunk_rows=8), backend=backend)
+    for reduction in ("mean", "none"):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert_head_matches(compiled, reduction, dtype)
+    vocab = head_case()[1].size(0)
+    # the weight is (vocab, dim); a tensor of logits would end in vocab
+    assert saved_shapes and not any(shape[-1:] == (vocab,) for shape in saved_shapes), saved_shapes
+
+
+def test_eager_head_loss_saves_no_logits_and_the_model_uses_it():
+    model = randomize(build(TINY))
+    idx = torch.randint(0, 300, (2, 16))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        loss = model(idx, targets=idx)
+    assert not any(shape[-1:] == (TINY.vocab_size,) for shape in saved)  # the head saves hidden, weight, lse
+    with torch.no_grad():
+        want = plain_head_loss(model.hidden_states(idx).view(32, -1), model.lm_head.weight, idx.view(-1), "mean")
+        torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+        # the logits path (engine, evals) soft-caps the same way
+        torch.testing.assert_close(model(idx), gpt.SOFTCAP * torch.tanh(model.lm_head(model.hidden_states(idx)) / gpt.SOFTCAP),
+                                   atol=1e-5, rtol=1e-5)

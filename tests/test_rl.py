@@ -16,8 +16,9 @@ from nanochat_ray.config import ConfigError, make_config
 from nanochat_ray.engine import Engine
 from nanochat_ray.evals.actors import load_model
 from nanochat_ray.gpt import build_gpt
-from nanochat_ray.rl.actors import LearnerActor, RolloutActor, StaleWeightsError
-from nanochat_ray.rl.loop import RLOptions, deal, question_order, rl_train
+from nanochat_ray.rl.actors import Learner, LearnerActor, RolloutActor, RolloutWorker, StaleWeightsError
+from nanochat_ray.rl.loop import RLOptions, deal, question_order, rl_train, rollout_actors
+from nanochat_ray.rl import policy as rl_policy
 from nanochat_ray.rl.policy import group_advantages, pass_at_k, policy_batch, policy_loss_sum
 from nanochat_ray.rl.tasks import GSM8KReward, SevenToy
 from nanochat_ray.tasks.gsm8k import assistant_text
@@ -204,6 +205,45 @@ def test_weight_publish_bumps_the_version_and_actors_use_it(actors):
     after = ray.get(worker.rollout.remote(1, **ask))
     assert after.version == 1
     assert [g.tokens for g in after.groups] != [g.tokens for g in before.groups], "same seeds, new weights"
+
+
+def test_the_gpu_path_in_bf16_publishes_bf16_and_samples_with_a_bf16_cache(ray_cluster, sft_root, smoke_tokenizer_dir,
+                                                                           tmp_path):
+    # what --use-gpu does by default (dtype auto = bf16 on CUDA), forced on CPU: the learner publishes
+    # bf16 weights (half the bytes), the rollout samples under bf16 autocast with a bf16 KV cache, and
+    # the learner's chunked policy loss runs under the same autocast
+    cfg = dataclasses.replace(CFG, dtype="bfloat16")
+    init = checkpoint_dir("sft", CFG.model_tag, sft_root) / "step_000000"
+    learner = Learner(cfg, str(tmp_path), str(init), False, {})
+    version, [ref] = learner.publish()
+    weights = ray.get(ref)
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    worker = RolloutWorker(cfg, str(smoke_tokenizer_dir), None)
+    worker.load_weights(version, weights)
+    caches = []
+    original = rl_policy.DecodeBatch.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        caches.append(self.cache.kv.dtype)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rl_policy.DecodeBatch, "__init__", spy)
+        result = worker.rollout(version, "toy", "train", [0, 1], [0, 100], 4, 8)
+    assert caches == [torch.bfloat16]
+    for group in result.groups:  # give the update a direction
+        group.rewards = [float(i == 0) for i in range(4)]
+    learner.accumulate(result)
+    stats = learner.step(10)
+    assert stats["valid_tokens"] > 0 and torch.isfinite(torch.tensor(stats["loss"]))
+    assert learner.version == 1
+
+
+def test_one_rollout_actor_per_gpu_the_learner_leaves_free(ray_cluster, monkeypatch):
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
+    assert rollout_actors(RLOptions(), use_gpu=True) == 7
+    assert rollout_actors(RLOptions(placement="colocated"), use_gpu=True) == 8
+    assert rollout_actors(RLOptions(num_rollout_actors=3), use_gpu=True) == 3
+    assert rollout_actors(RLOptions(), use_gpu=False) == 1
 
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 
 from nanochat_ray.checkpoint import build_model_from_checkpoint, checkpoint_dir, latest_step
 from nanochat_ray.common import autocast, base_dir, compute_dtype, default_device, write_atomic
-from nanochat_ray.config import Config, add_config_args
+from nanochat_ray.config import Config, ConfigError, add_config_args
 from nanochat_ray.evals import core
 from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.evals.chat import EvalResult, chatcore, load_eval_task, run_task_eval
@@ -36,8 +36,21 @@ from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.train.loop import sample_greedy, to_batch
 
 
-def load_model(stage: str, cfg: Config, device: torch.device, root: Path | None = None) -> tuple[torch.nn.Module, str]:
-    """The stage's latest checkpoint, or (clearly labelled) a freshly initialised model when none exists."""
+def check_checkpoint(stage: str, cfg: Config, root: Path | None = None, allow_untrained: bool = False) -> None:
+    """An error naming what was looked for when the stage has no checkpoint: scoring a random model
+    by accident wastes an evaluation and reads like a result."""
+    directory = checkpoint_dir(stage, cfg.model_tag, root)
+    if latest_step(directory) is None and not allow_untrained:
+        raise ConfigError(f"no {stage} checkpoint of {cfg.model_tag} in {directory}: train that stage first, pass the "
+                          f"--preset/--depth it was trained with (or NANOCHAT_BASE_DIR of its artifact root), or "
+                          f"--allow-untrained to evaluate a freshly initialised model on purpose")
+
+
+def load_model(stage: str, cfg: Config, device: torch.device, root: Path | None = None,
+               allow_untrained: bool = False) -> tuple[torch.nn.Module, str]:
+    """The stage's latest checkpoint; a freshly initialised model, clearly labelled, only when
+    allow_untrained (otherwise a missing checkpoint is a ConfigError)."""
+    check_checkpoint(stage, cfg, root, allow_untrained)
     if latest_step(checkpoint_dir(stage, cfg.model_tag, root)) is None:
         torch.manual_seed(cfg.seed)
         return build_gpt(cfg.gpt_config(), device), f"UNTRAINED {cfg.model_tag} (no {stage} checkpoint)"
@@ -48,10 +61,11 @@ def load_model(stage: str, cfg: Config, device: torch.device, root: Path | None 
 class Evaluator:
     """One model copy and a tokenizer; evaluates the indices it is handed."""
 
-    def __init__(self, stage: str, cfg: Config, tokenizer_dir: str, data_root: str | None, root: str | None):
+    def __init__(self, stage: str, cfg: Config, tokenizer_dir: str, data_root: str | None, root: str | None,
+                 allow_untrained: bool = False):
         # Ray gives an actor as many threads as CPUs it reserved; a plain process keeps torch's default
         self.device = default_device()
-        self.model, self.label = load_model(stage, cfg, self.device, Path(root) if root else None)
+        self.model, self.label = load_model(stage, cfg, self.device, Path(root) if root else None, allow_untrained)
         self.model.eval()
         self.cfg = cfg
         self.tokenizer = Tokenizer.from_directory(tokenizer_dir)
@@ -126,9 +140,12 @@ class Progress:
 
 
 def start_eval_actors(stage: str, cfg: Config, tokenizer_dir: Path, data_root: str | None, num_actors: int,
-                      use_gpu: bool = False, cpus_per_actor: float = 1.0, root: Path | None = None) -> list:
+                      use_gpu: bool = False, cpus_per_actor: float = 1.0, root: Path | None = None,
+                      allow_untrained: bool = False) -> list:
+    check_checkpoint(stage, cfg, root, allow_untrained)  # here, before any actor starts
     options = {"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_actor}
-    return [EvalActor.options(**options).remote(stage, cfg, str(tokenizer_dir), data_root, str(root) if root else None)
+    return [EvalActor.options(**options).remote(stage, cfg, str(tokenizer_dir), data_root, str(root) if root else None,
+                                                allow_untrained)
             for _ in range(num_actors)]
 
 
@@ -188,6 +205,8 @@ def eval_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--num-actors", type=int, default=1, help="evaluation actors (one per GPU)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--allow-untrained", action="store_true",
+                        help="evaluate a freshly initialised model when the stage has no checkpoint (default: error)")
     parser.add_argument("--max-per-task", type=int, default=None, help="examples per task (default: all)")
     parser.add_argument("--data-root", default=os.environ.get("NANOCHAT_DATA"),
                         help="local mirror laid out like shared/data (env NANOCHAT_DATA)")

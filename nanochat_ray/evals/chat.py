@@ -97,10 +97,10 @@ def evaluate_categorical(task: Task, indices: Iterable[int], model: torch.nn.Mod
         # right padding: causal attention keeps it out of every position we read; any id will do
         pad = tokenizer.bos_token_id
         ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], device=device)  # (B, T)
-        with autocast_ctx or contextlib.nullcontext():
-            logits = model(ids)  # (B, T, vocab)
         last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-        answer_logits = logits[torch.arange(len(batch), device=device), last].float().cpu()  # (B, vocab)
+        with autocast_ctx or contextlib.nullcontext():
+            hidden = model.hidden_states(ids)[torch.arange(len(batch), device=device), last]  # (B, n_embd)
+            answer_logits = model.logits(hidden).cpu()  # (B, vocab): the head at the answer positions only
         for row, (index, conversation) in enumerate(zip(batch, conversations)):
             letters = conversation["letters"]
             offered = answer_logits[row, letter_token_ids(tokenizer, letters)]  # (len(letters),)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from nanochat_ray.gpt import head_loss
 from nanochat_ray.tokenizer import Tokenizer
 
 SHUFFLE_SEED = 1337  # the reference shuffles each task once, so "the first N" is a random subset
@@ -176,10 +177,14 @@ def continuation_losses(model: torch.nn.Module, rows: list[tuple[list[int], int,
                         pad_id: int, device: torch.device | str) -> list[float]:
     """Mean loss (nats) of each row's continuation tokens, all rows in one forward pass."""
     ids = _batch(rows, pad_id, device)  # (B, T)
-    targets = torch.roll(ids, shifts=-1, dims=1)
-    targets[:, -1] = -1
-    losses = model(ids, targets=targets, loss_reduction="none")  # (B, T): position t predicts t+1
-    means = [losses[r, start - 1:end - 1].mean() for r, (_, start, end) in enumerate(rows)]
+    targets = torch.roll(ids, shifts=-1, dims=1)  # position t predicts t+1
+    scored = torch.zeros_like(ids, dtype=torch.bool)
+    for r, (_, start, end) in enumerate(rows):
+        scored[r, start - 1:end - 1] = True
+    # the head runs at the continuation's positions only: the context's logits are never needed
+    hidden = model.hidden_states(ids)[scored]  # (scored positions, n_embd), row by row
+    losses = head_loss(hidden, model.lm_head.weight, targets[scored], reduction="none")
+    means = [part.mean() for part in losses.split([end - start for _, start, end in rows])]
     return torch.stack(means).tolist()  # one device sync for all rows
 
 
@@ -191,8 +196,8 @@ def evaluate_example(model: torch.nn.Module, tokenizer: Tokenizer, task: TaskSpe
     rows = tokenize_prompts(tokenizer, task.kind, prompts, model.config.sequence_len)
     if task.kind == "language_modeling":
         tokens, start, end = rows[0]
-        logits = model(_batch(rows, tokenizer.bos_token_id, device))  # (1, T, vocab)
-        predicted = logits[0, start - 1:end - 1].argmax(dim=-1)
+        hidden = model.hidden_states(_batch(rows, tokenizer.bos_token_id, device))  # (1, T, n_embd)
+        predicted = model.logits(hidden[0, start - 1:end - 1]).argmax(dim=-1)  # only the continuation's logits
         return predicted.tolist() == tokens[start:end]
     losses = continuation_losses(model, rows, tokenizer.bos_token_id, device)
     predicted = min(range(len(losses)), key=losses.__getitem__)  # the first of equal losses

@@ -29,7 +29,7 @@ actors refuse it (StaleWeightsError) and the learner rejects rollouts of an old 
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,7 @@ class RLOptions:
     top_k: int = 50
     eval_questions: int = 400  # held-out test questions for pass@k
     eval_samples: int = 8  # pass@k for k = 1..eval_samples
-    num_rollout_actors: int = 1
+    num_rollout_actors: int = 0  # 0 = one per GPU the learner leaves free (1 without GPUs)
     questions_per_call: int = 0  # questions per rollout call; 0 = half an actor's share (so results stream)
     placement: str = "separate"  # separate: learner and rollout actors one GPU each; colocated: half each
     cpus_per_actor: float = 1.0
@@ -88,8 +88,10 @@ def check_options(options: RLOptions) -> None:
     def check(ok: bool, message: str) -> None:
         if not ok:
             raise ConfigError(message)
-    for name in ("questions_per_step", "samples_per_question", "max_new_tokens", "num_rollout_actors"):
+    for name in ("questions_per_step", "samples_per_question", "max_new_tokens"):
         check(getattr(options, name) > 0, f"{name} must be positive, got {getattr(options, name)}")
+    check(options.num_rollout_actors >= 0, f"num_rollout_actors must be >= 0 (0 = one per free GPU), "
+                                           f"got {options.num_rollout_actors}")
     check(options.questions_per_call >= 0, f"questions_per_call must be >= 0, got {options.questions_per_call}")
     check(options.temperature > 0, f"temperature must be > 0 for RL sampling, got {options.temperature}")
     check(options.eval_samples >= 1, f"eval_samples must be >= 1 (pass@1..k), got {options.eval_samples}")
@@ -189,10 +191,11 @@ def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root:
     eval_questions = min(options.eval_questions, len(load_reward_task(options.task, "test", mirror)))
     Q, S = options.questions_per_step, options.samples_per_question
     num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else max(1, len(train_task) // Q)
-    # by default each actor's share comes in two calls: the learner starts on the first while the second samples
-    per_call = options.questions_per_call or max(1, math.ceil(math.ceil(Q / options.num_rollout_actors) / 2))
 
     init_ray()
+    options = replace(options, num_rollout_actors=rollout_actors(options, use_gpu))
+    # by default each actor's share comes in two calls: the learner starts on the first while the second samples
+    per_call = options.questions_per_call or max(1, math.ceil(math.ceil(Q / options.num_rollout_actors) / 2))
     gpus = {"num_gpus": 0.5 if options.placement == "colocated" else 1} if use_gpu else {}
     warn_if_short(options.num_rollout_actors + 1, cpus_per_worker + options.num_rollout_actors * options.cpus_per_actor,
                   gpus.get("num_gpus", 0))
@@ -224,6 +227,19 @@ def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root:
             for actor in [learner, *actors]:
                 ray.kill(actor)
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def rollout_actors(options: RLOptions, use_gpu: bool) -> int:
+    """The number asked for, else one per GPU of the cluster that the learner leaves free (colocated:
+    one per GPU, one of them sharing the learner's), else 1 without GPUs; says which and why."""
+    if options.num_rollout_actors > 0:
+        return options.num_rollout_actors
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 0
+    count = max(1, gpus if options.placement == "colocated" else gpus - 1)
+    reason = (f"the cluster's {gpus} GPUs, {options.placement} from the learner" if use_gpu
+              else "no --use-gpu")
+    print(f"rl: {count} rollout actor(s) ({reason}; --num-rollout-actors overrides)", flush=True)
+    return count
 
 
 def warn_if_short(num_actors: int, cpus: float, gpus_each: float) -> None:

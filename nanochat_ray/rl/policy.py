@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from math import comb
 
 import torch
-import torch.nn.functional as F
 
 from nanochat_ray.engine import DecodeBatch
-from nanochat_ray.gpt import GPT, SOFTCAP
+from nanochat_ray.gpt import GPT, head_loss
 from nanochat_ray.tokenizer import Tokenizer
 
 
@@ -92,9 +91,7 @@ def policy_loss_sum(model: GPT, inputs: torch.Tensor, targets: torch.Tensor,
     """
     valid = targets >= 0  # (B, T)
     hidden = model.hidden_states(inputs)[valid]  # (N, n_embd)
-    logits = model.lm_head(hidden).float()  # (N, vocab); the same soft-capped logits as GPT.forward
-    logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-    nll = F.cross_entropy(logits, targets[valid], reduction="none")  # (N,)
+    nll = head_loss(hidden, model.lm_head.weight, targets[valid], reduction="none")  # (N,), as GPT.forward's
     return (nll * advantages[:, None].expand_as(targets)[valid]).sum(), int(valid.sum())
 
 

@@ -28,7 +28,7 @@ from nanochat_ray.gpt import GPT
 from nanochat_ray.tasks import (ARC, GSM8K, MMLU, Identity, SimpleSpelling, SmolTalk, SpellingBee, Task,
                                 TaskMixture)
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers, to_batch
+from nanochat_ray.train.loop import PAD_ID, Batches, Periodic, TrainState, sum_over_workers, to_batch
 from nanochat_ray.train.worker import TrainSpec, check_stage, fit
 
 PREVIOUS = {"mid": "base", "sft": "mid"}
@@ -96,9 +96,11 @@ def packed_rows(task: Task, tokenizer: Tokenizer, row_len: int) -> Iterator[np.n
 
 
 def padded_rows(conversations: list[tuple[list[int], list[int]]]) -> np.ndarray:
-    """(n, 2, longest) tokens and mask, padded at the end with masked zeros."""
+    """(n, 2, longest) tokens and mask, padded at the end with token PAD_ID (mask 0): the loop
+    feeds it as token 0 and counts only the other tokens in tokens/s and MFU."""
     longest = max(len(ids) for ids, _ in conversations)
     rows = np.zeros((len(conversations), 2, longest), dtype=np.int32)
+    rows[:, 0] = PAD_ID
     for row, (ids, mask) in zip(rows, conversations):
         row[0, :len(ids)], row[1, :len(mask)] = ids, mask
     return rows

@@ -31,6 +31,8 @@ class TrainState:
     train_seconds: float = 0.0  # time inside steps, excluding evals and checkpoints
 
 
+PAD_ID = -1  # token id of padding in chat rows: not a real token, so not counted as trained on
+
 # batches(step) asks for a step's rows and returns a function that waits for them:
 # () -> (rows (accum·B, T+1), data position after the step)
 Batches = Callable[[int], Callable[[], tuple[np.ndarray, dict]]]
@@ -44,14 +46,15 @@ def to_batch(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torc
     """Token rows → inputs (B, T) and targets (B, T), int64 on the device.
 
     rows is (B, T+1) tokens (pretraining: every target counts) or (B, 2, T+1) tokens and a loss
-    mask (chat stages: targets whose mask is 0 become -1, which the loss ignores).
+    mask (chat stages: targets whose mask is 0 become -1, which the loss ignores; padding, PAD_ID
+    with mask 0, is fed as token 0: causal attention keeps it out of every real position).
     """
     rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
     if device.type == "cuda":
         rows = rows.pin_memory().to(device, non_blocking=True)  # overlaps the copy with compute
     if rows.ndim == 3:
         tokens, mask = rows[:, 0], rows[:, 1]
-        return tokens[:, :-1], tokens[:, 1:].masked_fill(mask[:, 1:] == 0, -1)
+        return tokens[:, :-1].clamp(min=0), tokens[:, 1:].masked_fill(mask[:, 1:] == 0, -1)
     return rows[:, :-1], rows[:, 1:]
 
 
@@ -74,7 +77,7 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
     _, world_size = rank_world()
     device = next(model.parameters()).device
     ctx = autocast(device, compute_dtype(cfg.dtype, device))
-    step_model = step_model or model
+    step_model = model if step_model is None else step_model  # (a compiled module has no truth value)
     accum, micro_rows = cfg.grad_accum_steps(world_size), cfg.device_batch_size
     flops_per_token = model.estimate_flops()
     ema_beta = 0.9
@@ -96,11 +99,16 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
         if step + 1 < num_iterations:
             pending = batches(step + 1)  # the next rows arrive while this step computes
         micro_batches = [to_batch(rows[m * micro_rows:(m + 1) * micro_rows], device) for m in range(accum)]
+        # real tokens: positions whose next token is not padding (SFT pads rows to their longest
+        # conversation); a pretraining row of T+1 tokens has T
+        real = int((rows[:, 0, 1:] != PAD_ID).sum()) if rows.ndim == 3 else rows.shape[0] * (rows.shape[-1] - 1)
         # the loss is the mean over every counted target of the step, on all workers together, so
         # the split over workers and micro-batches changes nothing (the optimizers average over
         # workers, hence the world_size factor)
         # (at least 1: a step of SFT rows cut before the assistant speaks has nothing to learn)
-        counted = sum_over_workers(sum((targets >= 0).sum() for _, targets in micro_batches)).clamp(min=1)
+        totals = sum_over_workers(torch.stack([sum((targets >= 0).sum() for _, targets in micro_batches),
+                                               torch.tensor(real, device=device)]))
+        counted = totals[0].clamp(min=1)
         loss_sum = torch.zeros((), device=device)
         for inputs, targets in micro_batches:
             with ctx:
@@ -117,7 +125,7 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
         state.data_position = position
         state.train_seconds += step_seconds
         state.loss_ema = ema_beta * state.loss_ema + (1 - ema_beta) * loss_value
-        tokens_per_second = cfg.total_batch_size / step_seconds
+        tokens_per_second = int(totals[1]) / step_seconds  # real tokens: padding is work, not tokens
         metrics = {
             "step": state.step, "loss": loss_value,
             "loss_ema": state.loss_ema / (1 - ema_beta ** state.step),  # de-biased
@@ -146,6 +154,7 @@ def sample_greedy(model: GPT, prompt_ids: list[int], max_tokens: int) -> list[in
     """Greedy continuation without a KV cache: only for the few fixed-prompt samples."""
     ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
     for _ in range(max_tokens):
-        next_id = model(ids[:, -model.config.sequence_len:])[:, -1].argmax(-1, keepdim=True)
+        hidden = model.hidden_states(ids[:, -model.config.sequence_len:])[:, -1]  # the last position's only
+        next_id = model.logits(hidden).argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_id], dim=1)
     return ids[0, len(prompt_ids):].tolist()
