@@ -1,7 +1,7 @@
 """
 Serve the chat model: the OpenAI-compatible API and the web page (serve/app.py) on Ray Serve.
 
-    python jobs/serve.py                                  # latest sft model, http://127.0.0.1:8000
+    python jobs/serve.py                                  # the sft model (the only one trained), http://127.0.0.1:8000
     python jobs/serve.py --stage mid --step 500 --port 8080 --max-batch 16
     python jobs/serve.py --num-replicas 4                 # one GPU each when the cluster has GPUs
 
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pydantic import ValidationError
 
+from nanochat_ray.checkpoint import CheckpointError, resolve_model_tag
 from nanochat_ray.common import init_ray
 
 
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> None:
         api_key = api_key_from_env()
     except ValueError as error:
         parser.error(str(error))
+    try:  # before Ray starts: no model, no server
+        app_args.model_tag = resolve_model_tag(app_args.stage, app_args.model_tag, app_args.root)
+    except CheckpointError as error:
+        parser.exit(2, f"error: {error}\n")
     if warning := exposure_warning(args.host, api_key):
         banner = "!" * 100
         print(f"{banner}\n{warning}\n{banner}", file=sys.stderr, flush=True)

@@ -344,3 +344,46 @@ def build_model_from_checkpoint(stage: str, model_tag: str, step: int | None = N
     model = build_gpt(GPTConfig(**meta["model_config"]), device)  # rotary tables are not in the state_dict
     model.load_state_dict(model_state, strict=True, assign=True)
     return model, meta
+
+
+# -----------------------------------------------------------------------------
+# finding the trained models
+
+
+def trained_models(root: str | Path | None = None) -> dict[str, list[str]]:
+    """{stage: [model tags with at least one finished step]} under the artifact root.
+
+    Cheap (a finished step is one whose meta.json exists; nothing is hashed), for choosing and
+    for error messages.
+    """
+    found: dict[str, list[str]] = {}
+    for stage in STAGES:
+        stage_root = Path(root or base_dir()) / "checkpoints" / stage
+        tags = sorted(p.name for p in stage_root.iterdir() if p.is_dir()) if stage_root.is_dir() else []
+        done = [t for t in tags if any((stage_root / t / step_name(s) / META_FILE).is_file() for s in _steps(stage_root / t))]
+        if done:
+            found[stage] = done
+    return found
+
+
+def resolve_model_tag(stage: str, model_tag: str | None, root: str | Path | None = None) -> str:
+    """The model tag to load for `stage`: `model_tag` when it has a finished step, else the
+    stage's only trained model. Raises CheckpointError naming what exists and how to pick."""
+    models = trained_models(root)
+    tags = models.get(stage, [])
+    if (model_tag is None and len(tags) == 1) or (model_tag is not None and model_tag in tags):
+        return model_tag or tags[0]
+    where = Path(root or base_dir()) / "checkpoints"
+    existing = ", ".join(f"{s}/{t}" for s, ts in models.items() for t in ts) or "none"
+    if model_tag is None and len(tags) > 1:
+        problem = f"{len(tags)} {stage} models are trained ({', '.join(tags)})"
+    elif model_tag is None:
+        problem = f"no {stage} model is trained"
+    else:
+        problem = f"there is no finished {stage} checkpoint for model tag {model_tag!r}"
+    pairs = [(s, t) for s, ts in models.items() for t in ts]
+    example = (f"--model-tag {tags[0]}" if tags else f"--stage {pairs[0][0]} --model-tag {pairs[0][1]}" if pairs
+               else "--stage sft --model-tag d4")
+    raise CheckpointError(f"{problem} in {where}. Checkpoints that exist: {existing}. Pick one with "
+                          f"--stage and --model-tag (e.g. {example}), or train the stage first "
+                          f"(python jobs/speedrun.py).")

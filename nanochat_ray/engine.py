@@ -2,7 +2,7 @@
 Inference on token ids (SPEC §11): KV-cached batched decoding, sampling, calculator tool use.
 
 Three pieces, each usable alone:
-- `sample_next_token`: one token per row from logits: greedy, temperature, top-k.
+- `sample_next_token`: one token per row from logits: greedy, temperature, top-k, top-p.
 - `DecodeBatch`: rows decoded together one token per step; requests join (`add`) and leave
   (`remove`, or by ending) between steps, so a server can batch continuously. Each row has
   its own length in the KV cache, its own sampling settings and its own random stream.
@@ -32,11 +32,13 @@ UNIFORM_BLOCK = 64  # random numbers a row draws from its generator at a time
 
 
 def sample_next_token(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                      uniform: torch.Tensor) -> torch.Tensor:
+                      uniform: torch.Tensor, top_p: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of logits (B, vocab) → (B,).
 
     Rows with temperature 0 take the argmax; the others draw from softmax(logits / temperature)
-    restricted to their top_k tokens (0 = the whole vocabulary), by inverting the CDF at
+    restricted to their top_k tokens (0 = the whole vocabulary) and then to the nucleus of
+    probability top_p (B,) (1 = no cut: the fewest most likely tokens whose probabilities,
+    after temperature and top-k, sum to at least top_p), by inverting the CDF at
     `uniform` (B,) in (0, 1]. One number per row instead of torch.multinomial's generator keeps
     every row's draw a function of that row's own random stream.
 
@@ -55,6 +57,12 @@ def sample_next_token(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
         kth = torch.where(top_k[:, None] > 0, kth, float("-inf"))
         logits.masked_fill_(logits < kth, float("-inf"))
     cdf = logits.div_(temperature.clamp(min=1e-6)[:, None])  # unnormalised, built in place
+    if top_p is not None and (top_p < 1).any():
+        ranked, order = cdf.sort(dim=-1, descending=True)
+        probs = ranked.softmax(dim=-1)
+        # drop a token when the likelier ones already hold top_p: the most likely always stays
+        cut = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+        cdf.scatter_(1, order, ranked.masked_fill_(cut, float("-inf")))
     cdf.sub_(cdf.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
     # the first token whose cumulative weight reaches u·total: u > 0 never picks a
     # zero-probability token, and scaling by the total makes normalising unnecessary
@@ -105,6 +113,7 @@ class DecodeBatch:
         self.inputs = torch.zeros(max_rows, dtype=torch.long, device=device)  # token fed in next step
         self.temperature = torch.zeros(max_rows, device=device)
         self.top_k = torch.zeros(max_rows, dtype=torch.long, device=device)  # 0 = no top-k
+        self.top_p = torch.ones(max_rows, device=device)  # 1 = no nucleus cut
         self.uniforms = torch.zeros(max_rows, UNIFORM_BLOCK, device=device)
         self._next_id = 0
         special = tokenizer.encode_special
@@ -117,7 +126,8 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def add(self, prompt: list[int], num_samples: int = 1, max_tokens: int | None = None,
-            temperature: float = 1.0, top_k: int | None = None, seed: int = 42) -> list[int]:
+            temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
+            top_p: float | None = None) -> list[int]:
         """Prefill `prompt` once and start `num_samples` rows from it; returns their ids.
 
         Row i samples from its own generator seeded with seed + i, so it produces what a
@@ -145,6 +155,7 @@ class DecodeBatch:
         self.inputs[rows] = prompt[-1]
         self.temperature[rows] = temperature
         self.top_k[rows] = top_k or 0
+        self.top_p[rows] = 1.0 if top_p is None else top_p
         ids = []
         for i in range(num_samples):
             self.rows.append(_Row(self._next_id, budget, torch.Generator().manual_seed(seed + i)))
@@ -159,7 +170,8 @@ class DecodeBatch:
         if n == 0:
             return {}
         logits = self.model(self.inputs[:n, None], kv_cache=self.cache)[:, 0]  # (n, vocab)
-        sampled = sample_next_token(logits, self.temperature[:n], self.top_k[:n], self._uniforms()).tolist()
+        sampled = sample_next_token(logits, self.temperature[:n], self.top_k[:n], self._uniforms(),
+                                    self.top_p[:n]).tolist()
         tokens, out = [], {}
         for row, token in zip(self.rows, sampled):
             forced = bool(row.forced)
@@ -182,7 +194,7 @@ class DecodeBatch:
         last = len(self.rows) - 1
         if i != last:
             self.cache.move_row(last, i)
-            for per_row in (self.inputs, self.temperature, self.top_k, self.uniforms):
+            for per_row in (self.inputs, self.temperature, self.top_k, self.top_p, self.uniforms):
                 per_row[i] = per_row[last]
             self.rows[i] = self.rows[last]
         self.rows.pop()

@@ -24,6 +24,8 @@ MAX_MESSAGE_CHARS = 8_000
 MAX_TOTAL_CHARS = 32_000
 MAX_BODY_BYTES = 1_000_000  # 32,000 characters, JSON-escaped, fit many times over
 DEFAULT_MAX_TOKENS = 512
+MAX_CHOICES = 8  # n: rows decoded from one prefill
+MAX_TOP_LOGPROBS = 20
 
 
 class ApiError(Exception):
@@ -78,14 +80,16 @@ class ChatRequest(_Strict):
     model: str | None = None  # any name is accepted: this server serves one model
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 1.0
     top_k: Annotated[int, Field(ge=1, le=200)] | None = None
-    top_p: Annotated[float, Field(ge=1, le=1)] | None = None  # only 1 (no nucleus cut): use top_k
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1  # one choice per request
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1  # choices, decoded together from one prefill
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     user: str | None = None  # accepted for compatibility, not used
 
     @model_validator(mode="after")
@@ -93,6 +97,10 @@ class ChatRequest(_Strict):
         total = sum(len(m.text()) for m in self.messages)
         if total > MAX_TOTAL_CHARS:
             raise ValueError(f"the messages have {total:,} characters in total; the limit is {MAX_TOTAL_CHARS:,}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.logprobs and self.stream:
+            raise ValueError("logprobs are only returned without stream: ask with stream false")
         return self
 
     def conversation(self) -> list[dict]:
@@ -152,25 +160,51 @@ async def within(events: AsyncIterator[dict], seconds: float) -> AsyncIterator[d
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
+    return parse_request(body, ChatRequest, "messages")
+
+
+def parse_request(body: bytes, model: type[BaseModel], required: str):
+    """Any body (read_body has capped its size) → the validated request, or ApiError(4xx) naming
+    the field at fault."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ApiError(400, f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, "the body nests arrays or objects too deeply") from None
     if not isinstance(data, dict):
-        raise ApiError(400, "the body must be a JSON object with at least `messages`")
+        raise ApiError(400, f"the body must be a JSON object with at least `{required}`")
+    _check_strings(data)
     try:
-        return ChatRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             message = f"unrecognized request argument: {param}"
-        elif param and param.split(".")[0] == "top_p":
-            message = "top_p other than 1 is not supported; use top_k"
-        elif param == "n":
-            message = "n must be 1: one choice per request"
         raise ApiError(400, f"{param}: {message}" if param else message, param=param) from None
+    except RecursionError:
+        raise ApiError(400, "the body nests arrays or objects too deeply") from None
+
+
+def _check_strings(data) -> None:
+    """JSON may spell lone surrogates ("\\ud800"), which no UTF-8 text holds and the tokenizer
+    cannot take: refuse them by where they are. Iterative: nesting depth costs no stack."""
+    todo = [(data, "")]
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, dict):
+            todo.extend((v, f"{path}.{k}" if path else str(k)) for k, v in value.items())
+            todo.extend((k, path or "body") for k in value)
+        elif isinstance(value, list):
+            todo.extend((v, f"{path}.{i}") for i, v in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, f"{path}: the string holds a lone UTF-16 surrogate (e.g. \\ud800), "
+                                    "which is not text", param=path) from None
 
 
 # -----------------------------------------------------------------------------
@@ -186,19 +220,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(id_: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int) -> dict:
+def completion(id_: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    """choices: {"text", "finish_reason"[, "logprobs"]} in order."""
     return {"id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
+                         "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
+                        for i, c in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chunk(id_: str, model: str, delta: dict, finish_reason: str | None = None,
-          usage_: dict | None = None) -> str:
+          usage_: dict | None = None, index: int = 0) -> str:
     """One server-sent event of a streamed completion."""
     body = {"id": id_, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}
     if usage_ is not None:
         body["usage"] = usage_
     return sse(body)

@@ -19,8 +19,10 @@ ends with 504 after request_timeout_s. A model replica whose decode loop is stuc
 steps all failed, reports itself unhealthy, and Serve replaces it.
 """
 
+import asyncio
 import hmac
 import ipaddress
+import logging
 import os
 import random
 import time
@@ -36,15 +38,18 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.util import metrics
 
-from nanochat_ray.checkpoint import build_model_from_checkpoint
+from nanochat_ray.checkpoint import build_model_from_checkpoint, checkpoint_dir, resolve_model_tag, step_name
 from nanochat_ray.common import autocast, base_dir, compute_dtype, default_device
-from nanochat_ray.config import default_preset, make_config
 from nanochat_ray.tokenizer import Tokenizer
 from serve import api
 from serve.batcher import Batcher, Overloaded, Sampling
+from serve.completions import Scored, characters, parse_completion_request, prompt_ids, score
+from serve.completions import completion as completion_body
 from serve.text import TextStream
 
 STATIC = Path(__file__).resolve().parent / "static"
+HEALTH_TIMEOUT_S = 2  # a model replica that does not answer in this long is not serving
+logger = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 1
 FAILED_STEPS_UNHEALTHY = 5  # decode steps failing in a row (every request in them got an error)
 
@@ -53,7 +58,7 @@ class AppArgs(BaseModel):
     """What `serve run serve.app:build_app key=value ...` and serve/config.yaml may set."""
 
     stage: Literal["base", "mid", "sft", "rl"] = "sft"
-    model_tag: str | None = None  # e.g. d20; default: the default preset's (d20 with a GPU, else d4)
+    model_tag: str | None = None  # e.g. d20; default: the stage's only trained model (else an error at start)
     step: int | None = None  # checkpoint step; default: the latest
     root: str | None = None  # artifact root; default: NANOCHAT_BASE_DIR
     tokenizer_dir: str | None = None  # default: <root>/tokenizer
@@ -96,7 +101,7 @@ class ChatModel:
 
     def __init__(self, args: AppArgs):
         self.device = default_device()
-        tag = args.model_tag or make_config(default_preset()).model_tag
+        tag = args.model_tag  # build_app resolved it
         root = Path(args.root) if args.root else base_dir()
         model, meta = build_model_from_checkpoint(args.stage, tag, args.step, self.device, root)
         model.eval()
@@ -104,6 +109,8 @@ class ChatModel:
         self.name = f"nanochat-{args.stage}-{tag}-step{meta['step']}"
         self.context = model.config.sequence_len
         dtype = compute_dtype("auto", self.device)
+        self.model = model
+        self.created = int((checkpoint_dir(args.stage, tag, root) / step_name(meta["step"]) / "meta.json").stat().st_mtime)
         self.batcher = Batcher(model, self.tokenizer, args.max_batch, args.max_queue,
                                device_context=lambda: autocast(self.device, dtype), on_step=self._on_step)
         self.stuck_after_s, self.max_failures = args.stuck_after_s, FAILED_STEPS_UNHEALTHY
@@ -119,57 +126,108 @@ class ChatModel:
         metric("waiting").set(len(self.batcher.waiting))
 
     def info(self) -> dict:
-        return {"name": self.name, "context": self.context, "device": str(self.device),
+        return {"name": self.name, "context": self.context, "device": str(self.device), "created": self.created,
                 "max_batch": self.batcher.max_batch}
 
     def stats(self) -> dict:
         return {**self.info(), **self.batcher.stats()}
 
     async def generate(self, messages: list[dict], max_tokens: int, temperature: float, top_k: int | None,
-                       seed: int | None, stop: list[str]) -> AsyncIterator[dict]:
-        """Events: first {"error": status, ...} or {"prompt_tokens": n}; then {"text": delta} pieces;
-        last {"finish_reason", "completion_tokens"}."""
-        start = time.perf_counter()
+                       seed: int | None, stop: list[str], n: int = 1, top_p: float | None = None,
+                       logprobs: int | None = None) -> AsyncIterator[dict]:
+        """The assistant's answers to a conversation: `complete`'s events, chat-shaped logprobs."""
         try:
             prompt = self.tokenizer.render_for_completion(
                 {"messages": messages + [{"role": "assistant", "content": ""}]})
         except ValueError as error:
             yield {"error": 400, "message": str(error), "param": "messages"}
             return
-        room = self.context - len(prompt)
-        if room < 1:
-            yield {"error": 400, "param": "messages", "code": "context_length_exceeded",
-                   "message": f"the conversation is {len(prompt):,} tokens; this model's context is "
-                              f"{self.context:,} tokens and the answer needs at least 1: shorten the messages"}
+        async for event in self.complete(prompt, max_tokens, temperature, top_k, seed, stop, n, top_p, logprobs,
+                                         chat=True):
+            yield event
+
+    async def complete(self, prompt: str | list[int], max_tokens: int, temperature: float, top_k: int | None,
+                       seed: int | None, stop: list[str], n: int = 1, top_p: float | None = None,
+                       logprobs: int | None = None, echo: bool = False, chat: bool = False) -> AsyncIterator[dict]:
+        """n choices for one prompt (serve/completions.py says how prompts become ids).
+
+        Events: first {"error": status, ...} or {"prompt_tokens", "prompt_text"}; then
+        {"index", "text"} pieces; then per choice {"index", "finish_reason", "completion_tokens",
+        "logprobs"}. logprobs (top-k count, or None for none): scored by one forward over the
+        prompt and the answer once it is complete, so they are exactly the model's.
+        """
+        start = time.perf_counter()
+        ids, unscored = prompt_ids(prompt, self.tokenizer) if not chat else (prompt, 0)
+        if max(ids) >= self.tokenizer.vocab_size:
+            yield {"error": 400, "param": "prompt", "message": f"token id {max(ids)} is outside the vocabulary "
+                                                               f"(0 to {self.tokenizer.vocab_size - 1})"}
             return
-        budget = min(max_tokens, room)
-        seed = random.getrandbits(62) if seed is None else seed
-        tokens = self.batcher.stream(prompt, Sampling(budget, temperature, top_k, seed))
-        text = TextStream(self.tokenizer, stop)
-        try:
+        if n > self.batcher.max_batch:
+            yield {"error": 400, "param": "n", "message": f"n={n}: this server decodes at most "
+                                                          f"{self.batcher.max_batch} rows at once"}
+            return
+        room = self.context - len(ids)
+        if room < (1 if max_tokens else 0):
+            what = "conversation" if chat else "prompt"
+            yield {"error": 400, "param": "messages" if chat else "prompt", "code": "context_length_exceeded",
+                   "message": f"the {what} is {len(ids):,} tokens; this model's context is {self.context:,} tokens"
+                              f"{' and the answer needs at least 1' if max_tokens else ''}: shorten it"}
+            return
+        texts = [TextStream(self.tokenizer, stop) for _ in range(n)]
+        answers: list[list[int]] = [[] for _ in range(n)]
+        reported = ids[unscored:]
+        prompt_text = prompt if isinstance(prompt, str) else self.tokenizer.decode(reported)
+        if max_tokens == 0:
+            yield {"prompt_tokens": len(ids), "prompt_text": prompt_text}
+        else:
+            seed = random.getrandbits(62) if seed is None else seed
+            tokens = self.batcher.stream(ids, Sampling(min(max_tokens, room), temperature, top_k, seed, top_p, n))
             try:
-                await tokens.__anext__()  # queued, or refused
-            except Overloaded as error:
-                yield {"error": 429, "message": str(error), "retry_after": error.retry_after}
-                return
-            yield {"prompt_tokens": len(prompt)}
-            first = True
-            async for ids in tokens:
-                if first:
-                    metric("ttft").observe(time.perf_counter() - start)
-                    first = False
-                delta = text.feed(ids)
-                if delta:
-                    yield {"text": delta}
-                if text.stopped:
-                    break
+                try:
+                    await tokens.__anext__()  # queued, or refused
+                except Overloaded as error:
+                    yield {"error": 429, "message": str(error), "retry_after": error.retry_after}
+                    return
+                yield {"prompt_tokens": len(ids), "prompt_text": prompt_text}
+                first = True
+                async for pieces in tokens:
+                    if first:
+                        metric("ttft").observe(time.perf_counter() - start)
+                        first = False
+                    for i, piece in enumerate(pieces):
+                        used = texts[i].tokens
+                        delta = texts[i].feed(piece)
+                        answers[i] += piece[:texts[i].tokens - used]
+                        if delta:
+                            yield {"index": i, "text": delta}
+                    if all(text.stopped for text in texts):
+                        break
+            finally:
+                await tokens.aclose()  # a client that left, or stop strings: free the rows now
+        for i, text in enumerate(texts):
             delta = text.flush()
             if delta:
-                yield {"text": delta}
-            metric("latency").observe(time.perf_counter() - start)
-            yield {"finish_reason": "stop" if text.stopped else "length", "completion_tokens": text.tokens}
-        finally:
-            await tokens.aclose()  # a client that left, or a stop string: free the row now
+                yield {"index": i, "text": delta}
+        metric("latency").observe(time.perf_counter() - start)
+        for i, (text, answer) in enumerate(zip(texts, answers)):
+            answer = [t for t in answer if t not in text.terminal]
+            scored = None
+            if logprobs is not None:
+                scored = await self._logprobs(ids, answer, unscored, logprobs, echo, chat)
+            yield {"index": i, "finish_reason": "stop" if text.stopped else "length",
+                   "completion_tokens": text.tokens, "logprobs": scored}
+
+    async def _logprobs(self, ids: list[int], answer: list[int], unscored: int, top: int, echo: bool,
+                        chat: bool) -> dict:
+        sequence = ids + answer
+        first = max(1, unscored) if echo else len(ids)  # the first position reported with a score
+        scores = await self.batcher.run(score, self.model, sequence, first, top) if first < len(sequence) else []
+        if echo:  # the prompt as the client sent it (a string's <|bos|> is ours), then the answer
+            shown, unscored_shown, offset = sequence[unscored:], first - unscored, 0
+        else:
+            shown, unscored_shown, offset = answer, 0, characters(self.tokenizer, ids[unscored:])
+        scored = Scored(self.tokenizer, shown, scores, unscored_shown, offset)
+        return scored.chat() if chat else scored.legacy()
 
 
 # -----------------------------------------------------------------------------
@@ -181,6 +239,59 @@ web = FastAPI(title="nanochat-ray", docs_url=None, redoc_url=None)
 async def _api_error(request: Request, error: api.ApiError) -> JSONResponse:
     metric("errors").inc(tags={"code": str(error.status)})
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+async def _first_event(generator: DeploymentResponseGenerator, events: AsyncIterator[dict]) -> dict:
+    """The model's first event from `events` (the generator's, under the request's deadline): the
+    request was queued, or its 4xx/429/504 as an ApiError."""
+    try:
+        first = await anext(events)
+    except BackPressureError as error:
+        generator.cancel()
+        raise api.ApiError(429, f"server busy: {error}", retry_after=RETRY_AFTER_S) from None
+    except api.ApiError:
+        generator.cancel()
+        raise
+    if "error" in first:
+        raise api.ApiError(first["error"], first["message"], first.get("param"), first.get("code"),
+                           first.get("retry_after"))
+    return first
+
+
+async def _collect(generator: DeploymentResponseGenerator, events: AsyncIterator[dict], n: int) -> list[dict]:
+    """A whole answer: per choice {"text", "finish_reason", "completion_tokens", "logprobs"}."""
+    choices = [{"text": ""} for _ in range(n)]
+    try:
+        async for event in events:
+            if "text" in event:
+                choices[event["index"]]["text"] += event["text"]
+            else:
+                choices[event["index"]].update(event)
+    finally:
+        generator.cancel()
+    return choices
+
+
+def _text_chunk(id_: str, model: str, index: int, text: str, finish_reason: str | None = None,
+                usage: dict | None = None) -> dict:
+    body = {"id": id_, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+    return {**body, "usage": usage} if usage is not None else body
+
+
+def _stream_error(request: Request, error: Exception) -> dict:
+    logger.error("stream of %s failed", request.url.path, exc_info=error)
+    metric("errors").inc(tags={"code": "500"})
+    return api.ApiError(500, "generation failed; the error has been logged").body()
+
+
+@web.exception_handler(Exception)
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    """Anything unexpected: logged here in full, answered without paths, processes or traceback."""
+    logger.error("request %s %s failed", request.method, request.url.path, exc_info=error)
+    metric("errors").inc(tags={"code": "500"})
+    return JSONResponse(api.ApiError(500, "internal error: the server failed to answer this request; "
+                                          "it has been logged").body(), status_code=500)
 
 
 @serve.deployment(max_ongoing_requests=1000)  # the ingress only awaits: many requests per replica
@@ -212,14 +323,20 @@ class ChatAPI:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @web.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
+    async def health(self) -> JSONResponse:
+        """200 once a model replica answers; 503 while none does (starting, or failing to start)."""
+        try:
+            info = await asyncio.wait_for(self.model.options(stream=False).info.remote(), HEALTH_TIMEOUT_S)
+        except Exception:  # no replica yet, or its constructor failed: Serve's reason is in its logs
+            return JSONResponse({"status": "unavailable", "detail": "no model replica is serving yet"},
+                                status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return JSONResponse({"status": "ok", "model": info["name"]})
 
     @web.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._authorize(request)
         info = await self.info()
-        return {"object": "list", "data": [{"id": info["name"], "object": "model", "created": 0,
+        return {"object": "list", "data": [{"id": info["name"], "object": "model", "created": info["created"],
                                             "owned_by": "nanochat-ray", "context_length": info["context"]}]}
 
     @web.get("/stats")
@@ -238,54 +355,89 @@ class ChatAPI:
         api.check_browser_request(request.headers)
         self._authorize(request)
         chat = api.parse_chat_request(await api.read_body(request.stream(), request.headers))
+        top = (chat.top_logprobs or 0) if chat.logprobs else None
         generator = self.model.generate.remote(chat.conversation(), chat.token_budget(), chat.temperature,
-                                               chat.top_k, chat.seed, chat.stop_strings())
+                                               chat.top_k, chat.seed, chat.stop_strings(), chat.n, chat.top_p, top)
         events = api.within(generator, self.request_timeout_s)
-        try:
-            first = await anext(events)
-        except BackPressureError as error:
-            generator.cancel()
-            raise api.ApiError(429, f"server busy: {error}", retry_after=RETRY_AFTER_S) from None
-        except api.ApiError:
-            generator.cancel()
-            raise
-        if "error" in first:
-            raise api.ApiError(first["error"], first["message"], first.get("param"), first.get("code"),
-                               first.get("retry_after"))
-        return chat, generator, events, first["prompt_tokens"]
+        return chat, generator, events, (await _first_event(generator, events))["prompt_tokens"]
 
     @web.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         chat, generator, events, prompt_tokens = await self._start(request, "/v1/chat/completions")
         name, id_ = (await self.info())["name"], api.completion_id()
         if not chat.stream:
-            pieces, end = [], {}
-            try:
-                async for event in events:
-                    if "text" in event:
-                        pieces.append(event["text"])
-                    else:
-                        end = event
-            finally:
-                generator.cancel()
-            return api.completion(id_, name, "".join(pieces), end["finish_reason"], prompt_tokens,
-                                  end["completion_tokens"])
+            choices = await _collect(generator, events, chat.n)
+            return api.completion(id_, name, choices, prompt_tokens, sum(c["completion_tokens"] for c in choices))
 
         async def sse() -> AsyncIterator[str]:
             try:
-                yield api.chunk(id_, name, {"role": "assistant", "content": ""})
+                for i in range(chat.n):
+                    yield api.chunk(id_, name, {"role": "assistant", "content": ""}, index=i)
+                used, ended = 0, 0
                 async for event in events:
                     if "text" in event:
-                        yield api.chunk(id_, name, {"content": event["text"]})
+                        yield api.chunk(id_, name, {"content": event["text"]}, index=event["index"])
                     else:
-                        yield api.chunk(id_, name, {}, event["finish_reason"],
-                                        api.usage(prompt_tokens, event["completion_tokens"]))
+                        used, ended = used + event["completion_tokens"], ended + 1
+                        yield api.chunk(id_, name, {}, event["finish_reason"], index=event["index"],
+                                        usage_=api.usage(prompt_tokens, used) if ended == chat.n else None)
                 yield api.sse("[DONE]")
             except Exception as error:  # the status line is sent: the error goes in the stream
-                metric("errors").inc(tags={"code": "500"})
-                yield api.sse(api.ApiError(500, f"generation failed: {error}").body())
+                yield api.sse(_stream_error(request, error))
             finally:
-                generator.cancel()  # the client left: stop the model's row now
+                generator.cancel()  # the client left: stop the model's rows now
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @web.post("/v1/completions")
+    async def completions(self, request: Request):
+        """Text completions: a prompt or a batch of them, n choices each (index = prompt × n + choice)."""
+        metric("requests").inc(tags={"route": "/v1/completions"})
+        api.check_browser_request(request.headers)
+        self._authorize(request)
+        body = parse_completion_request(await api.read_body(request.stream(), request.headers))
+        prompts = body.prompts()
+        seed = random.getrandbits(62) if body.seed is None else body.seed
+        generators = [self.model.complete.remote(p, body.max_tokens, body.temperature, body.top_k, seed + k * body.n,
+                                                 body.stop_strings(), body.n, body.top_p, body.logprobs, body.echo)
+                      for k, p in enumerate(prompts)]
+        runs = [(generator, api.within(generator, self.request_timeout_s)) for generator in generators]
+        try:
+            firsts = [await _first_event(*run) for run in runs]  # every error before any answer
+        except BaseException:
+            for generator in generators:
+                generator.cancel()
+            raise
+        name, id_ = (await self.info())["name"], "cmpl-" + api.completion_id().removeprefix("chatcmpl-")
+        prompt_tokens = sum(f["prompt_tokens"] for f in firsts)
+        echo = [f["prompt_text"] if body.echo else "" for f in firsts]
+        if not body.stream:
+            per_prompt = await asyncio.gather(*(_collect(*run, body.n) for run in runs))
+            choices = [{**c, "text": echo[k] + c["text"]} for k, cs in enumerate(per_prompt) for c in cs]
+            return completion_body(id_, name, choices, prompt_tokens, sum(c["completion_tokens"] for c in choices))
+
+        async def sse() -> AsyncIterator[str]:
+            used, ended = 0, 0
+            try:
+                for k, (_, events) in enumerate(runs):  # prompt after prompt; all of them decode meanwhile
+                    for i in range(body.n):
+                        if echo[k]:
+                            yield api.sse(_text_chunk(id_, name, k * body.n + i, echo[k]))
+                    async for event in events:
+                        index = k * body.n + event["index"]
+                        if "text" in event:
+                            yield api.sse(_text_chunk(id_, name, index, event["text"]))
+                        else:
+                            used, ended = used + event["completion_tokens"], ended + 1
+                            last = ended == len(runs) * body.n
+                            yield api.sse(_text_chunk(id_, name, index, "", event["finish_reason"],
+                                                      api.usage(prompt_tokens, used) if last else None))
+                yield api.sse("[DONE]")
+            except Exception as error:  # the status line is sent: the error goes in the stream
+                yield api.sse(_stream_error(request, error))
+            finally:
+                for generator in generators:
+                    generator.cancel()
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -336,6 +488,9 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 def build_app(args: dict | AppArgs) -> serve.Application:
     """The application for `serve run` / `serve deploy`; see AppArgs for the settings."""
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    # fail here, before any replica starts, when there is no such model (CheckpointError says
+    # which exist and how to pick one)
+    args = args.model_copy(update={"model_tag": resolve_model_tag(args.stage, args.model_tag, args.root)})
     model = ChatModel.options(
         num_replicas=args.num_replicas,
         # our own queue answers 429 when full, so Serve must let that many requests in
@@ -347,4 +502,8 @@ def build_app(args: dict | AppArgs) -> serve.Application:
     return ChatAPI.bind(model, api_key_from_env(), args.request_timeout_s)
 
 
-app = build_app({})
+def __getattr__(name: str):
+    # `serve run serve.app:app`: built on first use, so importing this module needs no checkpoint
+    if name == "app":
+        return build_app({})
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,8 @@ Continuous batching for one model replica: requests join and leave a shared Deco
 steps, and one decode loop advances all of them with one forward per step.
 
     batcher = Batcher(model, tokenizer, max_batch=32, max_queue=64)
-    async for token_ids in batcher.stream(prompt_ids, Sampling(max_tokens=64)): ...
+    async for pieces in batcher.stream(prompt_ids, Sampling(max_tokens=64, n=2)): ...  # ids per choice
+    result = await batcher.run(fn, *args)   # any other model work, between decode steps
 
 Plain asyncio around the engine (no Ray), so it runs and tests in one process. The forward runs
 in a worker thread, so the event loop keeps streaming tokens, accepting requests and noticing
@@ -38,6 +39,8 @@ class Sampling:
     temperature: float = 1.0
     top_k: int | None = None
     seed: int = 42
+    top_p: float | None = None
+    n: int = 1  # rows (choices) from one prefill; choice i is seeded seed + i
 
 
 _END = object()  # queued after a request's last token
@@ -47,8 +50,9 @@ _END = object()  # queued after a request's last token
 class _Request:
     prompt: list[int]
     sampling: Sampling
-    tokens: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then _END or an exception
-    row_id: int | None = None
+    tokens: asyncio.Queue = field(default_factory=asyncio.Queue)  # (choice, token id), then _END or an exception
+    row_ids: list[int] = field(default_factory=list)  # choice i decodes in row row_ids[i]
+    open: int = 0  # choices still decoding
     gone: bool = False  # the consumer stopped listening
 
 
@@ -68,7 +72,7 @@ class Batcher:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device_context, self.on_step = device_context, on_step
         self.waiting: deque[_Request] = deque()
-        self.live: dict[int, _Request] = {}  # row id → request, for rows whose client listens
+        self.live: dict[int, tuple[_Request, int]] = {}  # row id → (request, choice), for rows whose client listens
         self.leaving: list[int] = []  # rows whose client left; removed before the next step
         self._joining: list[_Request] = []  # requests whose prefill runs in this step
         self.steps = 0
@@ -81,7 +85,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode")
 
     def stats(self) -> dict:
-        return {"active": len(self.live) + len(self._joining), "waiting": len(self.waiting), "max_batch": self.max_batch,
+        return {"active": len(self.live) + sum(r.sampling.n for r in self._joining), "waiting": len(self.waiting), "max_batch": self.max_batch,
                 "max_queue": self.max_queue, "steps": self.steps, "tokens_generated": self.tokens_generated}
 
     def health(self, stuck_after_s: float, max_failures: int) -> str | None:
@@ -93,18 +97,20 @@ class Batcher:
             return f"{self.failures_in_a_row} decode steps in a row failed; the last: {self.last_error!r}"
         return None
 
-    async def stream(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[list[int]]:
-        """The request's token ids as they are produced.
+    async def stream(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[list[list[int]]]:
+        """The request's token ids as they are produced, one list per choice (sampling.n).
 
         The first item is [] as soon as the request is queued (or Overloaded is raised), so a
-        server can answer 429 before it commits to a stream. Then each item holds every token
-        that arrived since the previous one (a slow reader gets bigger pieces, not a backlog).
-        The terminal token, when the row ends with one, is the last id. Closing the iterator
-        frees the request's row before the next step.
+        server can answer 429 before it commits to a stream. Then each item holds, per choice,
+        every token that arrived since the previous one (a slow reader gets bigger pieces, not a
+        backlog). A choice's terminal token, when it ends with one, is its last id. Closing the
+        iterator frees the request's rows before the next step.
         """
+        if not 1 <= sampling.n <= self.max_batch:
+            raise ValueError(f"n={sampling.n}: a request may take 1 to {self.max_batch} rows")
         # rows that are free now take requests that arrive while a step runs, before the loop
         # moves them out of the queue
-        free_rows = self.max_batch - len(self.live) - len(self._joining)
+        free_rows = self.max_batch - len(self.live) - sum(r.sampling.n for r in self._joining)
         if len(self.waiting) >= self.max_queue + max(free_rows, 0):
             raise Overloaded(len(self.waiting))
         request = _Request(prompt, sampling)
@@ -119,9 +125,11 @@ class Batcher:
                 while not request.tokens.empty():
                     items.append(request.tokens.get_nowait())
                 ended = items[-1] is _END or isinstance(items[-1], BaseException)
-                tokens = items[:-1] if ended else items
-                if tokens:
-                    yield tokens
+                pieces: list[list[int]] = [[] for _ in range(sampling.n)]
+                for choice, token in items[:-1] if ended else items:
+                    pieces[choice].append(token)
+                if any(pieces):
+                    yield pieces
                 if isinstance(items[-1], BaseException):
                     raise items[-1]
                 if ended:
@@ -133,9 +141,11 @@ class Batcher:
         request.gone = True
         if request in self.waiting:
             self.waiting.remove(request)
-        elif request.row_id in self.live:
-            del self.live[request.row_id]
-            self.leaving.append(request.row_id)
+        else:
+            for row_id in request.row_ids:
+                if row_id in self.live:
+                    del self.live[row_id]
+                    self.leaving.append(row_id)
 
     # -------------------------------------------------------------------------
     # the decode loop
@@ -150,8 +160,10 @@ class Batcher:
                 self.batch.remove(row_id)
             self.leaving.clear()
             joining = self._joining = []
-            while self.waiting and len(self.batch) + len(joining) < self.max_batch:
+            rows = len(self.batch)
+            while self.waiting and rows + self.waiting[0].sampling.n <= self.max_batch:
                 joining.append(self.waiting.popleft())
+                rows += joining[-1].sampling.n
             self.step_started = time.monotonic()
             try:
                 row_ids, out = await loop.run_in_executor(self._executor, self._step, joining)
@@ -163,39 +175,49 @@ class Batcher:
                 self._joining = []
                 self.step_started = None
             self.failures_in_a_row = 0
-            for request, row_id in zip(joining, row_ids):
-                request.row_id = row_id
-                self.live[row_id] = request
+            for request, ids in zip(joining, row_ids):
+                request.row_ids, request.open = ids, len(ids)
+                self.live.update((row_id, (request, choice)) for choice, row_id in enumerate(ids))
                 if request.gone:  # left while its prefill ran
                     self._leave(request)
             self._dispatch(out)
 
-    def _step(self, joining: list[_Request]) -> tuple[list[int], dict[int, Generated]]:
-        """Worker thread: prefill the newcomers, then one decode step for every row."""
+    def _step(self, joining: list[_Request]) -> tuple[list[list[int]], dict[int, Generated]]:
+        """Worker thread: prefill the newcomers (once per request, n rows each), then one decode
+        step for every row."""
         with self.device_context():
-            row_ids = []
-            for r in joining:
-                s = r.sampling
-                row_ids += self.batch.add(r.prompt, 1, s.max_tokens, s.temperature, s.top_k, s.seed)
+            row_ids = [self.batch.add(r.prompt, r.sampling.n, r.sampling.max_tokens, r.sampling.temperature,
+                                      r.sampling.top_k, r.sampling.seed, r.sampling.top_p) for r in joining]
             return row_ids, self.batch.step()
+
+    async def run(self, fn: Callable, *args):
+        """fn(*args) on the decode thread, between steps, under the device context: other model
+        work (scoring a prompt) never runs beside a step."""
+        def call():
+            with self.device_context():
+                return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _dispatch(self, out: dict[int, Generated]) -> None:
         self.steps += 1
         self.tokens_generated += len(out)  # one token per row per step
         self.on_step(len(out))
         for row_id, generated in out.items():
-            request = self.live.get(row_id)
-            if request is None:  # its client left during this step
+            entry = self.live.get(row_id)
+            if entry is None:  # its client left during this step
                 if generated.done:  # the step already dropped the row
                     self.leaving.remove(row_id)
                 continue
-            request.tokens.put_nowait(generated.token)
+            request, choice = entry
+            request.tokens.put_nowait((choice, generated.token))
             if generated.done:
-                request.tokens.put_nowait(_END)
                 del self.live[row_id]
+                request.open -= 1
+                if request.open == 0:
+                    request.tokens.put_nowait(_END)
 
     def _fail_all(self, joining: list[_Request], error: Exception) -> None:
-        for request in [*joining, *self.live.values()]:
+        for request in dict.fromkeys([*joining, *(r for r, _ in self.live.values())]):
             request.tokens.put_nowait(error)
         self.live.clear()
         self.leaving.clear()

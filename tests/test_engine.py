@@ -75,6 +75,25 @@ def test_inverse_cdf_sampling_follows_the_distribution_and_top_k():
     assert mixed.tolist() == [0, 0]
 
 
+def test_top_p_keeps_the_smallest_nucleus_reaching_p_per_row():
+    row = torch.tensor([2.0, 1.0, 0.0, -1.0])  # probabilities ≈ .644 .237 .087 .032
+    uniform = (torch.arange(2000) + 1) / 2000
+    ones, no_k = torch.ones(2000), torch.zeros(2000, dtype=torch.long)
+
+    def frequencies(top_p: float) -> torch.Tensor:
+        tokens = sample_next_token(row.repeat(2000, 1), ones, no_k, uniform, torch.full((2000,), top_p))
+        return torch.bincount(tokens, minlength=4) / 2000
+
+    torch.testing.assert_close(frequencies(0.8), torch.tensor([2.0, 1.0, -1e9, -1e9]).softmax(-1), atol=2e-3, rtol=0)
+    torch.testing.assert_close(frequencies(0.9), torch.tensor([2.0, 1.0, 0.0, -1e9]).softmax(-1), atol=2e-3, rtol=0)
+    assert frequencies(0.01).tolist() == [1, 0, 0, 0]  # the most likely token always stays
+    torch.testing.assert_close(frequencies(1.0), row.softmax(-1), atol=2e-3, rtol=0)
+    # per row: a cut in one row leaves the other alone
+    both = sample_next_token(row.repeat(2, 1), torch.ones(2), torch.zeros(2, dtype=torch.long),
+                             torch.tensor([0.99, 0.99]), torch.tensor([0.5, 1.0]))
+    assert both.tolist() == [0, 3]
+
+
 # -----------------------------------------------------------------------------
 # decoding
 

@@ -7,6 +7,7 @@ random weights: these tests are about the server, not the answers.
 
 import dataclasses
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -145,8 +146,12 @@ def test_openai_sdk_round_trip_matches_the_engine(server, smoke_tokenizer_dir):
     (_chat(top_k=201), "top_k", "less than or equal to 200"),
     (_chat(max_tokens=0), "max_tokens", "greater than or equal to 1"),
     (_chat(max_tokens=4097), "max_tokens", "less than or equal to 4096"),
-    (_chat(top_p=0.9), "top_p", "use top_k"),
-    (_chat(n=2), "n", "n must be 1"),
+    (_chat(top_p=0), "top_p", "greater than 0"),
+    (_chat(n=9), "n", "less than or equal to 8"),
+    (_chat(n=MAX_BATCH + 1), "n", f"at most {MAX_BATCH} rows"),
+    (_chat(top_logprobs=2), None, "needs logprobs"),
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages.0.content", "surrogate"),
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "too deeply"),
     (_chat(frobnicate=1), "frobnicate", "unrecognized"),
 ])
 def test_each_invalid_request_gets_400_with_an_openai_error_body(http, body, param, words):
@@ -157,6 +162,161 @@ def test_each_invalid_request_gets_400_with_an_openai_error_body(http, body, par
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and words in error["message"], error
     assert error["param"] == param or (param and error["param"].startswith(param)), error
+
+
+# any valid JSON: a 2xx or a 4xx JSON error, never a 5xx
+FUZZ = [b"null", b"[]", b'"text"', b"1e999", b"[" * 50_000 + b"]" * 50_000, b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        '{"messages": [{"role": "user", "content": "\\ud800\\udfff\\u0000 \u202e\u200f RTL"}], "max_tokens": 2}'.encode(),
+        '{"messages": [{"role": "user", "content": "nul \\u0000 and rtl \u202eabc\u202c \u05d0"}], "max_tokens": 3}'.encode(),
+        b'{"prompt": "\\ud800", "max_tokens": 1}', b'{"prompt": [[]]}', b'{"prompt": [-1]}', b'{"prompt": [99999999]}',
+        b'{"prompt": "x", "max_tokens": 0}', b'{"prompt": [1, "a"]}', b'{"prompt": {"a": 1}}',
+        b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}']
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_any_json_gets_2xx_or_a_4xx_json_error(http, route):
+    for body in FUZZ:
+        response = http.post(route, content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code < 500, (body[:80], response.text)
+        if response.status_code >= 400:
+            assert response.json()["error"]["type"] == "invalid_request_error", response.text
+
+
+def test_an_internal_failure_answers_500_without_paths_or_traceback():
+    import asyncio
+
+    from serve.app import _internal_error
+
+    class Request:
+        method, url = "POST", httpx.URL("http://x/v1/completions")
+
+    error = RuntimeError(f"boom in {ROOT / 'serve' / 'app.py'}, pid {os.getpid()}")
+    response = asyncio.run(_internal_error(Request(), error))
+    body = response.body.decode()
+    assert response.status_code == 500 and "internal error" in body
+    assert "boom" not in body and str(ROOT) not in body and "Traceback" not in body
+
+
+def _forward_logprobs(server, ids: list[int]) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= 1, from our model's forward in this process."""
+    model, _ = build_model_from_checkpoint("sft", "d2", root=server["root"])
+    with torch.no_grad():
+        logits = model.eval()(torch.tensor([ids[:-1]]))[0]
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+LOGPROB_TOLERANCE = 1e-4  # fp32 on CPU, the same forward; the server's runs in another process
+
+
+def test_completions_echo_logprobs_are_our_forward(server, http, smoke_tokenizer_dir):
+    tokenizer = Tokenizer.from_directory(smoke_tokenizer_dir)
+    text = "The capital of France is Paris. ünï"
+    ids = tokenizer.encode("Once upon a time", prepend="<|bos|>")
+    response = http.post("/v1/completions", json={"prompt": [text, text], "max_tokens": 0, "echo": True, "logprobs": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1] and body["choices"][0] == {**body["choices"][1], "index": 0}
+    choice = body["choices"][0]
+    assert choice["text"] == text and body["usage"]["prompt_tokens"] == 2 * (len(tokenizer.encode(text)) + 1)
+    lp = choice["logprobs"]
+    # a string is scored after <|bos|>: every token of it has a log-probability
+    expected = _forward_logprobs(server, tokenizer.encode(text, prepend="<|bos|>"))
+    assert torch.allclose(torch.tensor(lp["token_logprobs"]), expected, atol=LOGPROB_TOLERANCE, rtol=0)
+    # tokens that end mid-character show as U+FFFD; the offsets still count whole characters
+    assert "".join(lp["tokens"]).startswith("The capital of France is Paris. ") and lp["text_offset"][0] == 0
+    assert len(lp["tokens"]) == len(lp["text_offset"]) and lp["text_offset"][-1] <= len(text)
+    assert all(text[o:].startswith(t) for o, t in zip(lp["text_offset"], lp["tokens"]) if "�" not in t)
+    assert all(len(top) == 3 and max(top.values()) >= got - 1e-6 for top, got in zip(lp["top_logprobs"], lp["token_logprobs"]))
+
+    # token ids as given (lm-evaluation-harness's local-completions): the first has no context
+    ids_body = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+    lp = ids_body["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert torch.allclose(torch.tensor(lp["token_logprobs"][1:]), _forward_logprobs(server, ids),
+                          atol=LOGPROB_TOLERANCE, rtol=0)
+
+
+def test_completions_generate_like_the_engine_with_logprobs_and_stream(server, http, smoke_tokenizer_dir):
+    tokenizer = Tokenizer.from_directory(smoke_tokenizer_dir)
+    prompt = "Hello, my name is"
+    ask = {"prompt": prompt, "max_tokens": 6, "temperature": 0.8, "seed": 5, "n": 2}
+    body = http.post("/v1/completions", json={**ask, "logprobs": 1}).json()
+    local, _ = build_model_from_checkpoint("sft", "d2", root=server["root"])
+    ids = tokenizer.encode(prompt, prepend="<|bos|>")
+    runs, _ = Engine(local.eval(), tokenizer).generate_batch(ids, 2, max_tokens=6, temperature=0.8, seed=5)
+    assert [c["text"] for c in body["choices"]] == [tokenizer.decode(r[len(ids):]) for r in runs]
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12, "total_tokens": len(ids) + 12}
+    for choice, run in zip(body["choices"], runs):
+        lp = choice["logprobs"]
+        assert torch.allclose(torch.tensor(lp["token_logprobs"]), _forward_logprobs(server, run)[len(ids) - 1:],
+                              atol=LOGPROB_TOLERANCE, rtol=0)
+        assert lp["text_offset"][0] == len(prompt)
+    with http.stream("POST", "/v1/completions", json={**ask, "stream": True}) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    streamed = ["".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i) for i in range(2)]
+    assert streamed == [c["text"] for c in body["choices"]] and events[-1]["usage"] == body["usage"]
+
+
+def test_chat_n_logprobs_and_top_p_through_the_openai_sdk(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server["url"] + "/v1", api_key=API_KEY)
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    many = client.chat.completions.create(model="m", messages=messages, max_tokens=8, n=3, seed=21, top_p=0.9,
+                                          logprobs=True, top_logprobs=2)
+    assert [c.index for c in many.choices] == [0, 1, 2] and many.usage.completion_tokens == 24
+    # choice i is what a one-choice request seeded seed + i gets: n rows of one prefill
+    second = client.chat.completions.create(model="m", messages=messages, max_tokens=8, seed=22, top_p=0.9)
+    assert many.choices[1].message.content == second.choices[0].message.content
+    assert len({c.message.content for c in many.choices}) > 1
+    tokenizer_free = many.choices[0].logprobs.content
+    assert len(tokenizer_free) == 8 and all(len(t.top_logprobs) == 2 for t in tokenizer_free)
+    assert "".join(t.token for t in tokenizer_free) == many.choices[0].message.content
+    assert all(t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in tokenizer_free)
+    # top_p small enough keeps only the likeliest token: sampling is greedy, and it shows in the logprobs
+    greedy = client.chat.completions.create(model="m", messages=messages, max_tokens=8, seed=3, top_p=1e-6,
+                                            logprobs=True, top_logprobs=1)
+    assert all(t.token == t.top_logprobs[0].token for t in greedy.choices[0].logprobs.content)
+    [model] = client.models.list().data
+    assert abs(model.created - time.time()) < 3600
+
+
+def test_health_is_ok_only_while_a_model_replica_serves(server, http, tmp_path):
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+
+    assert http.get("/health").json() == {"status": "ok", "model": "nanochat-sft-d2-step1"}
+    # a replica that cannot start (its tokenizer is missing): the ingress is up, /health says 503
+    broken = build_app(AppArgs(stage="sft", root=str(server["root"]), tokenizer_dir=str(tmp_path / "none")))
+    from ray.serve.api import _run
+
+    _run(broken, name="broken", route_prefix="/broken", _blocking=False)  # do not wait for it to be up
+    try:
+        deadline, response = time.time() + 60, None
+        while time.time() < deadline:
+            response = http.get("/broken/health")
+            if response.status_code == 503:
+                break
+            time.sleep(0.5)
+        assert response.status_code == 503 and response.json()["status"] == "unavailable", response.text
+    finally:
+        serve.delete("broken", _blocking=False)
+
+
+def test_serve_exits_at_start_naming_the_checkpoints_that_exist(server, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("serve_job", ROOT / "jobs" / "serve.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(SystemExit) as exit_:
+        job.main(["--stage", "mid", "--root", str(server["root"])])
+    message = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "no mid model is trained" in message and "sft/d2" in message and "--model-tag d2" in message
+    # no --model-tag and exactly one trained model: that one
+    from nanochat_ray.checkpoint import resolve_model_tag
+
+    assert resolve_model_tag("sft", None, server["root"]) == "d2"
 
 
 def test_prompt_longer_than_the_context_names_the_numbers(http):
@@ -170,7 +330,7 @@ def test_api_key_is_required(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         response = httpx.post(server["url"] + "/v1/chat/completions", json=_chat(), headers=headers)
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}  # health needs no key
+    assert httpx.get(server["url"] + "/health").json()["status"] == "ok"  # health needs no key
 
 
 def test_reference_shape_streams_tokens_then_done(http):
