@@ -488,6 +488,7 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 def build_app(args: dict | AppArgs) -> serve.Application:
     """The application for `serve run` / `serve deploy`; see AppArgs for the settings."""
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    api_key = api_key_from_env()
     # fail here, before any replica starts, when there is no such model (CheckpointError says
     # which exist and how to pick one)
     args = args.model_copy(update={"model_tag": resolve_model_tag(args.stage, args.model_tag, args.root)})
@@ -499,7 +500,7 @@ def build_app(args: dict | AppArgs) -> serve.Application:
         max_queued_requests=args.max_batch + args.max_queue,
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
     ).bind(args)
-    return ChatAPI.bind(model, api_key_from_env(), args.request_timeout_s)
+    return ChatAPI.bind(model, api_key, args.request_timeout_s)
 
 
 def __getattr__(name: str):
