@@ -84,7 +84,7 @@ def main() -> None:
     rows = rng.integers(0, cfg.vocab_size, (1, cfg.seq_len + 1))
     state = TrainState()
     static = param_bytes(cfg, r) + optimizer_bytes(cfg, r, 1)[0]
-    train = train_memory(cfg, r, 1, 1, cfg.seq_len, "eager-fp32", 1)
+    train = train_memory(cfg, r, 1, cfg.seq_len, "eager-fp32", 1)
     for step in (1, 2):
         # step 1 also creates the optimizer state; both are predicted with it present
         phase(f"training step {step}", lambda step=step: run(cfg, model, optimizers, lambda s: (lambda: (rows, {})),
@@ -93,7 +93,7 @@ def main() -> None:
     token_bytes = torch.ones(cfg.vocab_size, dtype=torch.int64)
     model.eval()
     phase("eval batch (val bpb)", lambda: evaluate_bpb(model, batch, token_bytes),
-          eval_memory(cfg, r, 1, cfg.seq_len, with_optimizer_of=1).total)
+          eval_memory(cfg, r, 1, cfg.seq_len, with_optimizer_of=1, nbytes=4).total)
     prompt = rng.integers(0, 256, 32).tolist()
     engine = Engine(model, tokenizer)
 
@@ -103,7 +103,7 @@ def main() -> None:
                                                                    temperature=0.0)):
                 pass
     phase(f"{args.decode_steps} engine decode steps", decode,
-          static + decode_memory(cfg, r, 1, len(prompt) + args.decode_steps).total - param_bytes(cfg, r))
+          static + decode_memory(cfg, r, 1, len(prompt) + args.decode_steps, nbytes=4).total - param_bytes(cfg, r))
     print("\n| phase | time | peak RSS above start | plan | plan / measured |\n|---|---|---|---|---|")
     for name, seconds, peak, predicted in rows_out:
         print(f"| {name} | {seconds:.1f} s | {peak / GiB:.2f} GiB | {predicted / GiB:.2f} GiB | {predicted / peak:.2f} |")

@@ -14,8 +14,13 @@ Memory = parameters + gradients + optimizer state + saved activations + the larg
   round-robin), or as the reference shards it (AdamW rows, Muon round-robin within shape groups).
 - saved activations: bytes per token, layer and model_dim, counted from what autograd keeps for
   each op of gpt.py's Block (ACTIVATION_BYTES below), for the three ways a step runs.
-- the lm_head: training keeps the logits (or, with gpt.HEAD_CHUNK_ROWS, one chunk of rows) and
-  their gradient; evaluation holds the fp32 logits and two soft-cap temporaries at once.
+- the lm_head: the reference keeps the whole (B·T, vocab) logits and their gradient; ours runs
+  gpt.py's chunked custom ops, modelled op by op (head_transient): a chunk's fp32 logits and
+  logsumexp's temporary in forward, its logits, fp32 gradient and compute-dtype copy in backward,
+  plus an fp32 lm_head weight-gradient accumulator; between them only the hidden states.
+- the RL learner: eager bf16, one process (the whole optimizer state, gradients kept across its
+  forwards); each forward packs one rollout call's sequences (prompt + new tokens) up to a training
+  micro-step's token budget, the head at sampled positions only (rl/actors.py, rl/policy.py).
 Validated two ways (tests/test_plan.py): (a) against the measured peak RSS of the same step on CPU;
 (b) the reference's step against what its authors saw on 80 GB H100s.
 """
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from nanochat_ray import gpt
 from nanochat_ray.config import Config
 from nanochat_ray.gpus import GPUKind
+from nanochat_ray.rl.policy import default_questions_per_call
 
 GiB = 2**30
 
@@ -47,32 +53,32 @@ ALLOCATOR_SLACK = 0.0
 #   before QK-norm (2), normed q, k, v and the attention output kept by SDPA (4), y.contiguous() (1),
 #   norm(x2) (1), relu output (4) and its square (4): 19 floats = 76 bytes.
 # eager bf16 autocast (the RL learner, which is not compiled): fp32 residual x, x2 (8 bytes), three
-#   bf16 casts of norm(x) (autocast caches casts of weights, not of activations: 6), fp32 q, k
-#   into the fp32 rms_norm (8), bf16 q, k, v, out (8), y (2), cast of norm(x2) (2), relu and
-#   square in bf16 (16): 50 bytes.
+#   bf16 casts of norm(x) (autocast caches casts of weights, not of activations: 6), q, k kept by
+#   the rotary products (4), the rotated q, k (cast back to bf16) into rms_norm (4), q, k, v, out
+#   kept by SDPA (8), y (2), cast of norm(x2) (2), relu and square in bf16 (16): 50 bytes.
 # compiled bf16 (torch.compile fuses the casts and pointwise chains; one copy of each): ours keeps
 #   the fp32 residual (x, x2: 8) + 9 bf16 dims (18) + relu and square (16) = 42; the reference's
 #   residual is bf16 (its embedding is stored bf16): 38.
 ACTIVATION_BYTES = {"eager-fp32": 76, "eager-bf16": 50, "compiled-ours": 42, "compiled-reference": 38}
-# the lm_head per token and vocabulary entry:
-# training, eager: tanh output and log-softmax saved (8); in backward the loss gradient and the
-#   log-softmax gradient alive together (8), each freed before the next is made: 16 (measured on CPU
-#   within 1%, tests/test_plan.py)
-# training, compiled bf16 (ours and the reference alike): inductor keeps the bf16 matmul output and
-#   writes one bf16 gradient, recomputing the soft-cap chain: 4
-# evaluation and chunks (no graph kept): fp32 logits, logits/15 and tanh(...) at once: 12
-HEAD_TRAIN_BYTES = {"eager-fp32": 16, "eager-bf16": 16, "compiled-ours": 4, "compiled-reference": 4}
-HEAD_EVAL_BYTES = 12
+# the reference's whole-logits head, per token and vocabulary entry (ours is chunked: head_transient):
+# training, compiled bf16: inductor keeps the bf16 matmul output and writes one bf16 gradient,
+#   recomputing the soft-cap chain: 4
+# evaluation (no graph kept): fp32 logits, logits/15 and tanh(...) at once: 12
+HEAD_TRAIN_BYTES_REFERENCE = 4
+HEAD_EVAL_BYTES_REFERENCE = 12
 
 # --- the stages' shapes (what the jobs run; see jobs/sft.py, evals/chat.py, rl/loop.py, serve) --
 SFT_MAX_DEVICE_BATCH = 4  # jobs/sft.py: 4 conversations per micro-batch, padded to the longest (≤ seq_len)
 CORE_ROWS = 4  # the most continuations of one CORE item, scored in one forward (4-way multiple choice)
 CHAT_EVAL_BATCH = 8  # evals/chat.py: categorical prompts per forward
-RL_ROWS = 128  # rollout rows decoded together: 8 questions × 16 samples per call (SPEC §10), or pass@8 × 16
+RL_ROWS = 128  # rollout rows decoded together at most: a pass@k eval call, 16 questions × 8 samples (rl/loop.py)
+RL_QUESTIONS, RL_SAMPLES = 16, 16  # per step (SPEC §10, rl/loop.py RLOptions)
 RL_MAX_NEW = 256  # SPEC §10
 RL_PROMPT_TOKENS = 256  # a rendered GSM8K question is ~100-200 tokens: an upper bound
 SERVE_MAX_BATCH = 32  # serve/config.yaml max_batch
-KV_BYTES = 4  # engine.DecodeBatch keeps the KV cache in the weights' dtype: fp32 today
+# the compute dtype on a GPU (bf16 autocast): the KV cache is kept in it (engine.DecodeBatch), the
+# chunked head's matmuls and gradient copy run in it; CPU runs (validation, rehearsal) pass 4
+GPU_DTYPE_BYTES = 2
 KV_GROW = 1024  # the KV cache grows in chunks of this many positions
 
 # --- time ------------------------------------------------------------------------------------
@@ -96,8 +102,7 @@ class Recipe:
 def recipe(reference: bool = False) -> Recipe:
     if reference:
         return Recipe("reference", 2, "compiled-reference", None)
-    # the chunked head, where gpt.py has it: at most this many rows of logits exist at once
-    return Recipe("ours", 4, "compiled-ours", getattr(gpt, "HEAD_CHUNK_ROWS", None))
+    return Recipe("ours", 4, "compiled-ours", gpt.HEAD_CHUNK_ROWS)
 
 
 @dataclass
@@ -165,44 +170,88 @@ def optimizer_bytes(cfg: Config, r: Recipe, world: int) -> tuple[float, float]:
 # one step's memory
 
 
-def head_rows(tokens: int, r: Recipe) -> int:
-    return tokens if r.head_chunk_rows is None else min(tokens, r.head_chunk_rows)
+def dtype_bytes(mode: str) -> int:
+    return 4 if mode == "eager-fp32" else GPU_DTYPE_BYTES
 
 
-def train_memory(cfg: Config, r: Recipe, world: int, batch: int, seq: int, mode: str, accum: int) -> Memory:
-    """Peak of a training micro-step: the start of backward (every activation saved, the head's
-    gradient being made) or the optimizer step (gradients + state + scratch), whichever is larger."""
-    tokens = batch * seq
+def head_transient(cfg: Config, rows: int, chunk: int, nbytes: int, training: bool) -> float:
+    """The largest temporary of gpt.py's chunked head + loss over `rows` rows, op by op, with its
+    matmuls in a dtype of `nbytes` bytes (2 under bf16 autocast; 4 in fp32, where casts are no-ops)."""
+    R, V = min(rows, chunk), cfg.vocab_size
+    several = rows > chunk
+    cast = 4 if nbytes != 4 else 0  # the fp32 copy of a bf16 matmul output (head_logits' .float())
+    # forward (_head_loss): the logits and logsumexp's (logits − max).exp_() temporary; with several
+    # chunks, the previous chunk's logits live until the next chunk's matmul and fp32 copy are made
+    forward = R * V * max(8, (4 if several else 0) + nbytes + cast)
+    if not training:
+        return forward
+    # backward (_head_loss_backward): the recomputed logits (capped) and the new fp32 gradient, while
+    # the previous chunk's gradient (in the compute dtype) is still held; then capped, the fp32 gradient
+    # and its copy in the compute dtype; beside them the fp32 weight-gradient accumulator and grad_hidden
+    per_chunk = R * V * max(8 + (nbytes if several else 0), 8 + (nbytes if nbytes != 4 else 0))
+    weight_grad = V * cfg.model_dim * 4
+    # grad.t() @ h, then .float(), while the chunk's gradient in the compute dtype is held
+    weight_step = R * V * nbytes + V * cfg.model_dim * (nbytes + cast)
+    backward = weight_grad + rows * cfg.model_dim * nbytes + max(per_chunk, weight_step)
+    return max(forward, backward)
+
+
+def train_memory(cfg: Config, r: Recipe, world: int, tokens: int, mode: str, accum: int,
+                 head_tokens: int | None = None) -> Memory:
+    """Peak of a training micro-step over `tokens` tokens (the head over `head_tokens` of them, all by
+    default): the head's forward or backward with every activation saved, or the optimizer step
+    (gradients + state + scratch), whichever is larger. accum > 1: gradients held across micro-steps."""
+    head_tokens = tokens if head_tokens is None else head_tokens
+    nbytes = dtype_bytes(mode)
     params = param_bytes(cfg, r)
     state, scratch = optimizer_bytes(cfg, r, world)
     activations = tokens * cfg.depth * cfg.model_dim * ACTIVATION_BYTES[mode]
     activations += tokens * cfg.model_dim * 4 * 2  # the final norm's input and output
     if r.head_chunk_rows is None:
-        head = tokens * cfg.vocab_size * HEAD_TRAIN_BYTES[mode]
+        head = head_tokens * cfg.vocab_size * HEAD_TRAIN_BYTES_REFERENCE
     else:
-        head = head_rows(tokens, r) * cfg.vocab_size * HEAD_EVAL_BYTES
+        if nbytes != 4:  # the op saves the hidden states and the lm_head weight cast to the compute dtype
+            activations += (head_tokens + cfg.vocab_size) * cfg.model_dim * nbytes
+        head = head_transient(cfg, head_tokens, r.head_chunk_rows, nbytes, training=True)
     # a block's backward: gradients of the MLP's hidden (relu, square, c_fc output) in the compute dtype
-    layer = tokens * 4 * cfg.model_dim * 3 * (4 if mode == "eager-fp32" else 2)
+    layer = tokens * 4 * cfg.model_dim * 3 * nbytes
     backward = Memory(params, params if accum > 1 else 0, state, activations, max(head, layer))
     step = Memory(params, params, state, 0, scratch)
     return backward if backward.total >= step.total else step
 
 
-def eval_memory(cfg: Config, r: Recipe, rows: int, seq: int, with_optimizer_of: int | None = None) -> Memory:
+def rl_learner_memory(cfg: Config, r: Recipe, gpus: int, batch: int) -> tuple[Memory, int]:
+    """(peak, sequences per forward) of the RL learner (rl/actors.py Learner.accumulate): one call's
+    sequences of prompt + new tokens, as many per forward as fit batch × seq_len tokens; eager bf16;
+    the whole optimizer state; gradients kept across forwards; the head at sampled positions only."""
+    length = RL_PROMPT_TOKENS + RL_MAX_NEW
+    actors = max(1, gpus - 1)  # rl/loop.py: one rollout actor per GPU the learner leaves free
+    per_call = default_questions_per_call(RL_QUESTIONS, actors) * RL_SAMPLES
+    sequences = max(1, min(per_call, batch * cfg.seq_len // length))
+    memory = train_memory(cfg, r, 1, sequences * (length - 1), "eager-bf16", 2, sequences * RL_MAX_NEW)
+    return memory, sequences
+
+
+def eval_memory(cfg: Config, r: Recipe, rows: int, seq: int, with_optimizer_of: int | None = None,
+                nbytes: int = GPU_DTYPE_BYTES) -> Memory:
     """Peak of a no-grad forward over rows × seq tokens: the weights (plus the optimizer state when
-    it runs inside a training worker of that world size), one layer's temporaries, the logits."""
+    it runs inside a training worker of that world size), one layer's temporaries, the head."""
     tokens = rows * seq
     state = optimizer_bytes(cfg, r, with_optimizer_of)[0] if with_optimizer_of else 0
     layer = tokens * cfg.model_dim * 4 * (1 + 4 + 4)  # residual, c_fc output, relu² (fp32 upper bound)
-    head = head_rows(tokens, r) * cfg.vocab_size * HEAD_EVAL_BYTES
+    if r.head_chunk_rows is None:
+        head = tokens * cfg.vocab_size * HEAD_EVAL_BYTES_REFERENCE
+    else:
+        head = head_transient(cfg, tokens, r.head_chunk_rows, nbytes, training=False)
     return Memory(param_bytes(cfg, r), 0, state, 0, max(layer, head))
 
 
-def decode_memory(cfg: Config, r: Recipe, rows: int, positions: int) -> Memory:
-    """An engine decoding `rows` together with room for `positions` tokens each."""
+def decode_memory(cfg: Config, r: Recipe, rows: int, positions: int, nbytes: int = GPU_DTYPE_BYTES) -> Memory:
+    """An engine decoding `rows` together with room for `positions` tokens each, its KV cache in the
+    compute dtype (engine.DecodeBatch)."""
     allocated = -(-positions // KV_GROW) * KV_GROW
     hd = cfg.model_dim // cfg.n_head
-    kv = cfg.depth * 2 * rows * cfg.kv_heads * allocated * hd * KV_BYTES
+    kv = cfg.depth * 2 * rows * cfg.kv_heads * allocated * hd * nbytes
     logits = rows * cfg.vocab_size * 4 * 3  # logits, probabilities, the top-k scratch
     return Memory(param_bytes(cfg, r), 0, 0, 0, logits, kv)
 
@@ -257,17 +306,29 @@ def make_plan(cfg: Config, gpu: GPUKind, gpus: int, reference: bool = False, mfu
     compute = gpus * gpu.bf16_flops * mfu  # FLOP/s of the whole node at the stated MFU
     T, B = cfg.seq_len, cfg.device_batch_size
 
-    def train_row(name: str, batch: int, tokens: float, mode: str, world: int, shape_note: str = "") -> StageRow:
+    def largest_fitting(batch: int, memory_of) -> int:
+        """The largest power-of-two device batch below `batch` whose memory_of(b) fits (0: none)."""
+        return next((b for b in (2**i for i in range(int(math.log2(batch)), -1, -1)) if fits(memory_of(b), usable)), 0)
+
+    def train_row(name: str, batch: int, tokens: float, mode: str, world: int) -> StageRow:
+        def memory_of(b: int) -> Memory:
+            return train_memory(cfg, r, world, b * T, mode, max(1, cfg.total_batch_size // (b * T * world)))
+        memory = memory_of(batch)
         micro_accum = max(1, cfg.total_batch_size // (batch * T * world))
-        memory = train_memory(cfg, r, world, batch, T, mode, micro_accum)
-        row = StageRow(name, f"{batch} × {T}, accum {micro_accum}{shape_note}", memory, fpt, tokens * fpt / compute)
+        row = StageRow(name, f"{batch} × {T}, accum {micro_accum}", memory, fpt, tokens * fpt / compute)
         row.fits = fits(memory, usable)
         if not row.fits:
-            # the largest power-of-two batch that fits and divides the total batch
-            candidates = [b for b in (2**i for i in range(int(math.log2(batch)), -1, -1))
-                          if fits(train_memory(cfg, r, world, b, T, mode, max(1, cfg.total_batch_size // (b * T * world))),
-                                  usable)]
-            row.largest_batch = candidates[0] if candidates else 0
+            row.largest_batch = largest_fitting(batch, memory_of)
+        return row
+
+    def learner_row(tokens: float) -> StageRow:
+        memory, sequences = rl_learner_memory(cfg, r, gpus, B)
+        length = RL_PROMPT_TOKENS + RL_MAX_NEW
+        row = StageRow("RL learner", f"{sequences} × {length - 1}, world 1, eager", memory, fpt,
+                       tokens * fpt / (gpu.bf16_flops * mfu))  # one GPU
+        row.fits = fits(memory, usable)
+        if not row.fits:
+            row.largest_batch = largest_fitting(B, lambda b: rl_learner_memory(cfg, r, gpus, b)[0])
         return row
 
     def eval_row(name: str, rows: int, seq: int, tokens: float, world: int | None) -> StageRow:
@@ -293,12 +354,9 @@ def make_plan(cfg: Config, gpu: GPUKind, gpus: int, reference: bool = False, mfu
         train_row("SFT (longest pad)", min(SFT_MAX_DEVICE_BATCH, B), SFT_TOKENS_PADDED, r.compiled, gpus),
         eval_row("chat eval (categorical)", CHAT_EVAL_BATCH, T, 0, None),
         decode_row("chat eval (generative)", 1, T, CHAT_GEN_TOKENS, gpus),
-        decode_row("RL rollouts", RL_ROWS, RL_PROMPT_TOKENS + RL_MAX_NEW, RL_STEPS * 16 * 16 * RL_MAX_NEW,
+        decode_row("RL rollouts", RL_ROWS, RL_PROMPT_TOKENS + RL_MAX_NEW, RL_STEPS * RL_QUESTIONS * RL_SAMPLES * RL_MAX_NEW,
                    max(1, gpus - 1)),
-        # the learner is one process (the whole optimizer state), not compiled; its forwards take whole
-        # sequences up to B × T tokens (rl/actors.py), all of them counted in the head: an upper bound
-        train_row("RL learner", B, RL_STEPS * 16 * 16 * (RL_PROMPT_TOKENS + RL_MAX_NEW), "eager-bf16", 1,
-                  ", world 1, eager"),
+        learner_row(RL_STEPS * RL_QUESTIONS * RL_SAMPLES * (RL_PROMPT_TOKENS + RL_MAX_NEW)),
         decode_row("serving (max_batch)", SERVE_MAX_BATCH, T, 0, 1),
     ]
     return Plan(cfg, gpu, gpus, r, mfu, rows, hourly_price)
@@ -408,6 +466,6 @@ def cpu_estimate(cfg: Config) -> dict:
     """The plan's figures for measure_cpu_step's configuration: one process, fp32, eager."""
     r = recipe()
     accum = cfg.grad_accum_steps(1)
-    m = train_memory(cfg, r, 1, cfg.device_batch_size, cfg.seq_len, "eager-fp32", accum)
+    m = train_memory(cfg, r, 1, cfg.device_batch_size * cfg.seq_len, "eager-fp32", accum)
     static = param_bytes(cfg, r) + optimizer_bytes(cfg, r, 1)[0]
     return {"static": static, "peak_above": m.total - static, "memory": m}

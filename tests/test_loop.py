@@ -100,7 +100,7 @@ def test_the_gpu_path_runs_on_cpu_bf16_compiled_on_two_gloo_workers(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_gpu_path_worker, args=(2, port, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for rank in ranks:
         assert rank["graphs"] >= 1, "the step ran through torch.compile"
         # the zero lm_head makes the first loss ln(vocab) exactly; the second, after one bf16

@@ -17,8 +17,10 @@ from nanochat_ray.plan import GiB, cpu_estimate, make_plan, refusal
 ROOT = Path(__file__).resolve().parents[1]
 H100 = gpu_kind("h100-80gb")
 
-# (a): a head-heavy step, an activation-heavy one, and one with gradient accumulation
+# (a): head-heavy steps with several chunks of the head (B·T = 2 × gpt.HEAD_CHUNK_ROWS) and with one
+# (B·T < HEAD_CHUNK_ROWS), an activation-heavy one, and one with gradient accumulation
 MEASURED = [
+    dict(depth=1, vocab_size=2048, seq_len=512, device_batch_size=16, total_batch_size=8192, eval_tokens=8192),
     dict(depth=2, vocab_size=8192, seq_len=256, device_batch_size=4, total_batch_size=1024),
     dict(depth=4, head_dim=64, vocab_size=512, seq_len=512, device_batch_size=4, total_batch_size=2048),
     dict(depth=2, vocab_size=4096, seq_len=256, device_batch_size=2, total_batch_size=1024),
@@ -69,8 +71,20 @@ def test_a_config_that_does_not_fit_is_refused_with_the_batch_that_would():
     assert out.returncode == 1 and "--device-batch-size 4" in out.stdout, out.stdout + out.stderr
 
 
-def test_chunked_head_keeps_evaluation_below_training(monkeypatch):
-    monkeypatch.setattr(gpt, "HEAD_CHUNK_ROWS", 4096, raising=False)
+def test_measured_configs_cover_one_and_several_head_chunks():
+    tokens = [kw["device_batch_size"] * kw["seq_len"] for kw in MEASURED]
+    assert max(tokens) > gpt.HEAD_CHUNK_ROWS > min(tokens)
+
+
+def test_d20_fits_8_h100_with_the_defaults():
+    plan = make_plan(make_config("d20"), H100, 8)
+    assert refusal(plan) is None
+    rows = {row.stage: row for row in plan.rows}
+    # the learner packs one rollout call (2 questions × 16 samples with 7 rollout actors) per forward
+    assert rows["RL learner"].shape.startswith("32 × 511")
+
+
+def test_chunked_head_keeps_evaluation_below_training():
     rows = {row.stage: row for row in make_plan(make_config("d20"), H100, 8).rows}
     assert rows["val bpb (in training)"].memory.total <= rows["pretrain step"].memory.total
     assert rows["CORE"].memory.total <= rows["pretrain step"].memory.total

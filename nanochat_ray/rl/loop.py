@@ -39,7 +39,7 @@ from nanochat_ray.common import init_ray
 from nanochat_ray.config import Config, ConfigError
 from nanochat_ray.data.registry import mirror_root
 from nanochat_ray.rl.actors import LearnerActor, RolloutActor, RolloutResult
-from nanochat_ray.rl.policy import pass_at_k
+from nanochat_ray.rl.policy import default_questions_per_call, pass_at_k
 from nanochat_ray.rl.tasks import load_reward_task
 from nanochat_ray.train.chat import previous_checkpoint
 from nanochat_ray.train.worker import METRICS_LOG, check_stage, make_logger
@@ -194,8 +194,7 @@ def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root:
 
     init_ray()
     options = replace(options, num_rollout_actors=rollout_actors(options, use_gpu))
-    # by default each actor's share comes in two calls: the learner starts on the first while the second samples
-    per_call = options.questions_per_call or max(1, math.ceil(math.ceil(Q / options.num_rollout_actors) / 2))
+    per_call = options.questions_per_call or default_questions_per_call(Q, options.num_rollout_actors)
     gpus = {"num_gpus": 0.5 if options.placement == "colocated" else 1} if use_gpu else {}
     warn_if_short(options.num_rollout_actors + 1, cpus_per_worker + options.num_rollout_actors * options.cpus_per_actor,
                   gpus.get("num_gpus", 0))

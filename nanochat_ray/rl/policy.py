@@ -12,7 +12,7 @@ number of such tokens in the whole step. Prompt tokens and the calculator's forc
 """
 
 from dataclasses import dataclass
-from math import comb
+from math import ceil, comb
 
 import torch
 
@@ -93,6 +93,12 @@ def policy_loss_sum(model: GPT, inputs: torch.Tensor, targets: torch.Tensor,
     hidden = model.hidden_states(inputs)[valid]  # (N, n_embd)
     nll = head_loss(hidden, model.lm_head.weight, targets[valid], reduction="none")  # (N,), as GPT.forward's
     return (nll * advantages[:, None].expand_as(targets)[valid]).sum(), int(valid.sum())
+
+
+def default_questions_per_call(questions: int, actors: int) -> int:
+    """Questions per rollout call when not given: half an actor's share of the step, so each actor's
+    share comes in two calls and the learner starts on the first while the second samples."""
+    return max(1, ceil(ceil(questions / actors) / 2))
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
