@@ -65,14 +65,14 @@ def training_mixture(stage: str, data_root: str | None, seed: int, fallbacks: Fa
                               lambda: TaskMixture([MMLU("dev", data_root), MMLU("validation", data_root)], seed=seed),
                               "MMLU dev + validation")
         tasks = [SmolTalk("train", data_root), mmlu, GSM8K("train", data_root), identity, identity,  # identity ×2
-                 SimpleSpelling(200_000, "train", seed, data_root), SpellingBee(80_000, "train", seed, data_root)]
+                 SimpleSpelling(200_000, "train", data_root), SpellingBee(80_000, "train", data_root)]
     else:
         arc = [fallbacks.pick(f"{subset} train", lambda subset=subset: ARC(subset, "train", data_root),
                               lambda subset=subset: ARC(subset, "validation", data_root),
                               f"{subset} validation (the chat evals use test)")
                for subset in ("ARC-Easy", "ARC-Challenge")]
         tasks = arc + [GSM8K("train", data_root), SmolTalk("train", data_root, stop=10_000), identity,
-                       SimpleSpelling(300, "train", seed, data_root), SpellingBee(300, "train", seed, data_root)]
+                       SimpleSpelling(300, "train", data_root), SpellingBee(300, "train", data_root)]
     return TaskMixture(tasks, seed=seed)
 
 
