@@ -101,7 +101,8 @@ def policy_loss_sum(model: GPT, inputs: torch.Tensor, targets: torch.Tensor,
     return (nll * advantages[:, None].expand_as(targets)[valid]).sum(), int(valid.sum())
 
 
-def question_loss(model: GPT, group: Group, rows_per_pass: int, autocast_ctx=None) -> float:
+def question_loss(model: GPT, group: Group, rows_per_pass: int,
+                  autocast_ctx: contextlib.AbstractContextManager | None = None) -> float:
     """Backpropagate one question's policy loss, normalised by its own sampled tokens (the
     reference's normalisation); returns the loss. The caller divides the step's gradient by its
     number of questions. Samples go `rows_per_pass` at a time, which changes nothing but memory."""
