@@ -19,10 +19,11 @@ from nanochat_ray.train.cli import tokenizer_dir, training_parser
 
 def sft_defaults(preset: Config) -> dict:
     """SPEC §9: 32 conversations per step (fewer if the preset's batch holds fewer rows), 4 per
-    micro-batch, LR from 2% of the base LRs linearly to 0. Any flag overrides these."""
+    micro-batch, LR from 2% of the base LRs linearly to 0; as the reference, no gradient clipping
+    and Muon momentum 0.95 from the start. Any flag overrides these."""
     rows = min(32, preset.total_batch_size // preset.seq_len)
     return dict(init_lr_frac=0.02, warmdown_ratio=1.0, device_batch_size=min(4, preset.device_batch_size),
-                total_batch_size=rows * preset.seq_len)
+                total_batch_size=rows * preset.seq_len, grad_clip=0.0, muon_momentum_warmup=0)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -47,7 +47,10 @@ class Config:
     unembedding_lr: float = 0.004
     matrix_lr: float = 0.02  # Muon
     weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    grad_clip: float = 1.0  # max global grad norm; 0 = off (midtraining, SFT and RL default to 0, as the reference)
+    muon_momentum_warmup: int = 300  # steps of Muon momentum 0.85 → 0.95; 0 = 0.95 throughout (SFT, RL)
+    loss_weighting: str = "micro_batch"  # micro_batch: mean per micro-batch, then over them (the reference);
+    # token: one mean over every counted target of the step (differs only when micro-batches count unequally: SFT)
     warmup_ratio: float = 0.0  # fraction of steps with a linear LR warm-up
     warmdown_ratio: float = 0.2  # fraction of steps with a linear LR decay at the end
     final_lr_frac: float = 0.0  # LR multiplier reached at the very end
@@ -210,6 +213,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check(0 < cfg.init_lr_frac <= 1, f"init_lr_frac must lie in (0, 1], got {cfg.init_lr_frac}")
     check(cfg.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     check(cfg.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {cfg.compile!r}")
+    check(cfg.loss_weighting in ("micro_batch", "token"),
+          f"loss_weighting must be micro_batch or token, got {cfg.loss_weighting!r}")
+    check(cfg.grad_clip >= 0 and cfg.muon_momentum_warmup >= 0,
+          f"grad_clip ({cfg.grad_clip}) and muon_momentum_warmup ({cfg.muon_momentum_warmup}) must be >= 0")
     check(cfg.num_iterations > 0 or cfg.target_flops > 0 or cfg.target_param_data_ratio > 0,
           "set a horizon: num_iterations, target_flops or target_param_data_ratio")
     check(cfg.eval_every <= 0 or cfg.eval_tokens >= tokens_per_micro_step,

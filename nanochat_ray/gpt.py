@@ -219,8 +219,9 @@ class GPT(nn.Module):
         device = device or self.transformer.wte.weight.device
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-        # (1, T, 1, D/2): broadcasts over batch and heads
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        # (1, T, 1, D/2): broadcasts over batch and heads. bf16 as in the reference (fp32 q/k times
+        # these promote to fp32): its logits, within fp32 reordering noise, not 5e-5 away
+        return freqs.cos().bfloat16()[None, :, None, :], freqs.sin().bfloat16()[None, :, None, :]
 
     @torch.no_grad()
     def init_weights(self) -> None:

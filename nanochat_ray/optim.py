@@ -178,16 +178,17 @@ class DistMuon(ShardedOptimizer):
         piece.add_(g.to(p.dtype), alpha=-group["lr"] * scale)
 
 
-def muon_momentum(step: int) -> float:
-    """Muon momentum: linear warm-up from 0.85 to 0.95 over the first 300 steps, then 0.95."""
-    frac = min(step / 300, 1.0)
+def muon_momentum(step: int, warmup: int = 300) -> float:
+    """Muon momentum: linear warm-up from 0.85 to 0.95 over the first `warmup` steps, then 0.95
+    (warmup 0: 0.95 from the start, as the reference's SFT and RL)."""
+    frac = min(step / warmup, 1.0) if warmup > 0 else 1.0
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def set_muon_momentum(muon: DistMuon, step: int) -> None:
-    """Apply muon_momentum(step) to every group of the Muon optimizer; call before step()."""
+def set_muon_momentum(muon: DistMuon, step: int, warmup: int = 300) -> None:
+    """Apply muon_momentum(step, warmup) to every group of the Muon optimizer; call before step()."""
     for group in muon.param_groups:
-        group["momentum"] = muon_momentum(step)
+        group["momentum"] = muon_momentum(step, warmup)
 
 
 # -----------------------------------------------------------------------------

@@ -69,12 +69,24 @@ def test_stage_needs_the_previous_one(smoke_tokenizer_dir, data_root, tmp_path):
 def test_packed_rows_keep_masks_and_order(smoke_tokenizer_dir, data_root):
     tokenizer = Tokenizer.from_directory(smoke_tokenizer_dir)
     task = GSM8K("train", str(data_root), stop=5)
-    rows = packed_rows(task, tokenizer, 65)
-    first = [next(rows) for _ in range(4)]
-    ids, mask = tokenizer.render_conversation(task[0], max_tokens=65)
-    np.testing.assert_array_equal(first[0][0][:len(ids)], ids[:65])
-    np.testing.assert_array_equal(first[0][1][:len(mask)], mask[:65])
-    assert all(row.shape == (2, 65) for row in first)
+    ids, mask = tokenizer.render_conversation(task[0])
+    assert len(ids) > 65  # a conversation spans rows (it is not cut at the row length)
+    rows, masked = packed_rows(task, tokenizer, 65), packed_rows(task, tokenizer, 65, masked=True)
+    first, first_masked = [next(rows) for _ in range(4)], [next(masked) for _ in range(4)]
+    np.testing.assert_array_equal(np.concatenate(first)[:len(ids)], ids[:260])
+    np.testing.assert_array_equal(np.concatenate([r[1] for r in first_masked])[:len(mask)], mask[:260])
+    assert all(row.shape == (65,) for row in first) and all(row.shape == (2, 65) for row in first_masked)
+
+
+def test_midtraining_trains_on_every_token_sft_on_the_assistant(smoke_tokenizer_dir, data_root):
+    cfg = make_config("smoke")
+    for stage in ("mid", "sft"):
+        data = ChatData(stage, str(smoke_tokenizer_dir), str(data_root), MISSING)
+        _, targets = to_batch(data.open(cfg, 0, 1, TrainState(), torch.device("cpu"))(0)()[0], torch.device("cpu"))
+        if stage == "mid":  # as the reference's midtraining: user turns and special tokens are targets too
+            assert (targets >= 0).all()
+        else:
+            assert (targets >= 0).any() and (targets == -1).any()
 
 
 def test_padded_rows():
@@ -99,3 +111,19 @@ def test_chat_data_is_the_same_for_one_and_two_workers(smoke_tokenizer_dir, data
             for got, want in zip([row for h in halves for row in h], one):
                 n = min(got.shape[1], want.shape[1])
                 np.testing.assert_array_equal(got[:, :n], want[:, :n])
+
+
+def test_only_pretraining_clips_and_sft_keeps_muon_momentum_constant():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import midtrain
+    import sft
+
+    from nanochat_ray.rl.loop import rl_config_defaults
+    preset = make_config("cpu")
+    assert preset.grad_clip == 1.0 and preset.muon_momentum_warmup == 300  # pretraining
+    mid, sft_cfg, rl = midtrain.mid_defaults(preset), sft.sft_defaults(preset), rl_config_defaults("cpu")
+    assert mid["grad_clip"] == sft_cfg["grad_clip"] == rl["grad_clip"] == 0.0
+    assert "muon_momentum_warmup" not in mid  # midtraining ramps momentum like pretraining, as the reference
+    assert sft_cfg["muon_momentum_warmup"] == rl["muon_momentum_warmup"] == 0

@@ -109,3 +109,34 @@ def test_the_gpu_path_runs_on_cpu_bf16_compiled_on_two_gloo_workers(tmp_path):
         assert rank["history"][1]["loss"] == pytest.approx(eager[1]["loss"], rel=2e-2)
     for name, weight in ranks[0]["weights"].items():  # the ranks stayed in sync
         assert torch.equal(weight, ranks[1]["weights"][name]), name
+
+
+
+def step_gradient(monkeypatch, rows: np.ndarray, **overrides) -> list[torch.Tensor]:
+    """The gradient one step of the loop hands to the optimizers (which are not stepped)."""
+    from nanochat_ray.train import loop
+    grads = []
+
+    def capture(optimizers, max_grad_norm):
+        grads.extend(p.grad.clone() for opt in optimizers for group in opt.param_groups for p in group["params"])
+    monkeypatch.setattr(loop, "step_optimizers", capture)
+    train(steps=1, rows=rows, **overrides)
+    return grads
+
+
+def test_loss_is_the_mean_of_micro_batch_means_as_the_reference(monkeypatch):
+    # SFT-like rows: the first micro-batch counts 2 targets, the second 64 per row
+    mask = np.ones_like(ROWS)
+    mask[:2, :63] = 0
+    masked = np.stack([ROWS, mask], axis=1)[:4]
+    got = step_gradient(monkeypatch, masked, device_batch_size=2)
+    token_weighted = step_gradient(monkeypatch, masked, device_batch_size=2, loss_weighting="token")
+
+    torch.manual_seed(0)
+    model = build_gpt(make_config("smoke").gpt_config())
+    for m in range(2):  # each micro-batch's mean loss, averaged over the two
+        (model(*to_batch(masked[2 * m:2 * m + 2], torch.device("cpu"))) / 2).backward()
+    want = [p.grad for opt in build_optimizers(model) for group in opt.param_groups for p in group["params"]]
+    for a, b, c in zip(got, want, token_weighted):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(a, c, rtol=1e-2, atol=1e-6) for a, c in zip(got, token_weighted))

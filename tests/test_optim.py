@@ -95,6 +95,8 @@ def test_muon_momentum_warmup():
     assert muon_momentum(150) == pytest.approx(0.90)
     assert muon_momentum(300) == pytest.approx(0.95)
     assert muon_momentum(1000) == pytest.approx(0.95)
+    assert muon_momentum(0, warmup=0) == muon_momentum(7, warmup=0) == pytest.approx(0.95)  # SFT, RL
+    assert muon_momentum(50, warmup=100) == pytest.approx(0.90)
     _, muon = build_optimizers(tiny_gpt())
     set_muon_momentum(muon, 150)
     assert muon.param_groups[0]["momentum"] == pytest.approx(0.90)

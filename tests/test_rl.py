@@ -19,7 +19,8 @@ from nanochat_ray.gpt import build_gpt
 from nanochat_ray.rl.actors import Learner, LearnerActor, RolloutActor, RolloutWorker, StaleWeightsError
 from nanochat_ray.rl.loop import RLOptions, deal, question_order, rl_train, rollout_actors
 from nanochat_ray.rl import policy as rl_policy
-from nanochat_ray.rl.policy import group_advantages, pass_at_k, policy_batch, policy_loss_sum
+from nanochat_ray.rl.policy import (Group, group_advantages, pass_at_k, policy_batch, policy_loss_sum, question_loss,
+                                    sample_groups)
 from nanochat_ray.rl.tasks import GSM8KReward, SevenToy
 from nanochat_ray.tasks.gsm8k import assistant_text
 from nanochat_ray.tokenizer import Tokenizer
@@ -65,7 +66,8 @@ def test_gsm8k_reward_on_real_answers(data_root):
         assert task.reward(conversation, answer.replace(f"#### {number}", f"#### {number}1")) == 0.0
         assert task.reward(conversation, answer.split("####")[0]) == 0.0  # no final answer
     big = {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "#### 1234"}]}
-    assert task.reward(big, "so #### 1,234.0 and later #### 5") == 1.0  # commas, decimals, the first ####
+    assert task.reward(big, "so #### 1,234 and later #### 5") == 1.0  # commas dropped, the first #### counts
+    assert task.reward(big, "#### 1234.0") == 0.0  # strings compare, as the reference's reward
     toy = SevenToy()
     assert [toy.reward(toy[0], text) for text in ("7", "it is 7.", "17", "70", "seven")] == [1, 1, 0, 0, 0]
 
@@ -131,6 +133,58 @@ def test_streamed_chunks_give_the_one_batch_gradient():
 
     for one, two in zip(gradient([[0, 1, 2, 3]]), gradient([[0, 1], [2], [3]])):
         torch.testing.assert_close(one, two, atol=1e-7, rtol=1e-5)
+
+
+def test_loss_is_normalised_per_question_as_the_reference():
+    # two questions with very different numbers of sampled tokens: each counts as much as the other
+    model = random_model()
+    generator = torch.Generator().manual_seed(1)
+    groups = [Group(torch.randint(9, 1024, (4,), generator=generator).tolist(),
+                    [torch.randint(9, 1024, (n,), generator=generator).tolist() for n in lengths],
+                    [[1] * n for n in lengths], rewards)
+              for lengths, rewards in (([3, 5], [1.0, 0.0]), ([20, 12, 7], [0.0, 1.0, 1.0]))]
+
+    def gradient(rows_per_pass):
+        model.zero_grad()
+        for group in groups:
+            question_loss(model, group, rows_per_pass)
+        return [p.grad / len(groups) for p in model.parameters()]
+
+    model.zero_grad()
+    expected = 0.0
+    for group in groups:  # independently: −Σ advantage × logprob over the question's tokens / their count
+        advantages = group_advantages(torch.tensor(group.rewards)[None])[0]
+        total, count = 0.0, 0
+        for tokens, advantage in zip(group.tokens, advantages):
+            ids = torch.tensor([group.prompt + tokens])
+            logprobs = model(ids[:, :-1]).log_softmax(-1)[0]
+            for t in range(len(group.prompt) - 1, ids.size(1) - 1):
+                total = total - advantage * logprobs[t, ids[0, t + 1]]
+                count += 1
+        expected = expected + total / count / len(groups)
+    expected.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    for rows in (1, 3):  # passes change memory, not the result
+        for a, b in zip(gradient(rows), want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_terminal_token_is_not_a_target(smoke_tokenizer_dir):
+    tokenizer = Tokenizer.from_directory(smoke_tokenizer_dir)
+    end, bos = tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id
+    model = random_model()
+    with torch.no_grad():  # one of ±u wins whatever the hidden state: the first sample is a terminal token
+        direction = torch.ones(model.config.n_embd) * 1000
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[end], model.lm_head.weight[bos] = direction, -direction
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "hi"},
+                                                          {"role": "assistant", "content": ""}]})
+    group = sample_groups(model, tokenizer, [prompt], [0], num_samples=3, max_tokens=4)[0]
+    assert all(tokens[-1] in (end, bos) for tokens in group.tokens)
+    assert all(mask[-1] == 0 for mask in group.masks)  # as the reference: never trained to emit it
+    group.rewards = [1.0, 0.0, 0.0]
+    model.zero_grad()
+    assert question_loss(model, group, 3) == 0.0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
 def test_dealing_and_question_order():

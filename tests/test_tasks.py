@@ -11,7 +11,8 @@ from nanochat_ray.tasks import (
     ARC, GSM8K, MMLU, CustomJSON, HumanEval, Identity, SimpleSpelling, SmolTalk, SpellingBee,
     TaskMixture, extract_answer, extract_code, humaneval_program, validate_conversation,
 )
-from nanochat_ray.tasks.base import Task
+from nanochat_ray.tasks.base import Task, shuffled
+from nanochat_ray.tasks.humaneval import prompt_imports
 from nanochat_ray.tasks.spelling import count_letter_answer
 from nanochat_ray.tokenizer import Tokenizer
 
@@ -98,9 +99,9 @@ def test_task_slicing(tasks, data_root):
 
 
 def test_gsm8k_calculator_calls(tasks):
-    row = tasks["gsm8k"].rows[0]
-    assert "<<48/2=24>>" in row["answer"]
-    parts = tasks["gsm8k"][0]["messages"][1]["content"]
+    index = next(i for i, row in enumerate(tasks["gsm8k"].rows) if row["question"].startswith("Natalia sold"))
+    row = tasks["gsm8k"].rows[index]
+    parts = tasks["gsm8k"][index]["messages"][1]["content"]
     assert parts[:4] == [
         {"type": "text", "text": "Natalia sold 48/2 = "},
         {"type": "python", "text": "48/2"},
@@ -114,13 +115,14 @@ def test_gsm8k_calculator_calls(tasks):
     assert rebuilt == row["answer"]
 
 
-@pytest.mark.parametrize("text, answer", [
+@pytest.mark.parametrize("text, answer", [  # the reference's rule: "#### " then [-0-9.,]+, commas dropped
     ("so 3 + 4 = 7\n#### 7", "7"),
     ("#### -12", "-12"),
     ("#### 3.75", "3.75"),
     ("#### 1,234,567", "1234567"),
-    ("#### $1,000.50.", "1000.50"),  # a dollar sign before, a full stop after
-    ("####42", "42"),
+    ("#### 1,000.50.", "1000.50."),  # the full stop is part of the run: a wrong answer for 1000.50
+    ("#### $1,000", None),
+    ("####42", None),
     ("the answer is 42", None),
     ("#### forty-two", None),
     ("#### 5\n#### 6", "5"),  # the first one counts
@@ -131,9 +133,10 @@ def test_extract_answer(text, answer):
 
 def test_gsm8k_evaluate(tasks):
     gsm8k = tasks["gsm8k"]
-    conversation = gsm8k[0]  # answer 72
+    conversation = next(gsm8k[i] for i in range(len(gsm8k))
+                        if gsm8k[i]["messages"][1]["content"][-1]["text"].endswith("#### 72"))
     assert gsm8k.evaluate(conversation, "Altogether 72 clips.\n#### 72")
-    assert gsm8k.evaluate(conversation, "#### 72.0")
+    assert not gsm8k.evaluate(conversation, "#### 72.0")  # strings compare, as in the reference
     assert not gsm8k.evaluate(conversation, "#### 73")
     assert not gsm8k.evaluate(conversation, "The answer is 72.")  # no ####: not an answer
     big = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "#### 1,200"}]}
@@ -145,19 +148,20 @@ def test_gsm8k_evaluate(tasks):
 
 
 def test_mmlu_and_arc_letters(tasks):
-    mmlu = tasks["mmlu"][0]
+    index = next(i for i, row in enumerate(tasks["mmlu"].rows) if row["choices"] == ["0", "1", "2", "3"])
+    mmlu = tasks["mmlu"][index]
     assert mmlu["letters"] == ["A", "B", "C", "D"]
-    assert mmlu["messages"][1]["content"] == "B"  # cais/mmlu dev row 0 has answer 1
-    assert "\nA. 0\nB. 1\nC. 2\nD. 3\n" in mmlu["messages"][0]["content"]
+    assert mmlu["messages"][1]["content"] == "ABCD"[tasks["mmlu"].rows[index]["answer"]]
+    assert "\n- 0=A\n- 1=B\n- 2=C\n- 3=D\n\nRespond only" in mmlu["messages"][0]["content"]
     arc = tasks["arc_easy"]
     assert {len(arc[i]["letters"]) for i in range(len(arc))} == {3, 4, 5}  # as many as the item has
     numeric = next(i for i, row in enumerate(arc.rows) if row["choices"]["label"][0] == "1")
     row, conversation = arc.rows[numeric], arc[numeric]
-    assert conversation["letters"] == ["A", "B", "C", "D"]  # "1".."4" become letters by position
-    assert conversation["messages"][1]["content"] == "ABCD"[int(row["answerKey"]) - 1]
+    assert conversation["letters"] == ["1", "2", "3", "4"]  # the item's own labels, as in the reference
+    assert conversation["messages"][1]["content"] == row["answerKey"]
     assert arc.eval_type == "categorical"
     assert arc.evaluate(conversation, conversation["messages"][1]["content"] + " ")
-    assert not arc.evaluate(conversation, "E")
+    assert not arc.evaluate(conversation, "5")
 
 
 def test_missing_split_is_a_clear_error(data_root, monkeypatch):
@@ -185,6 +189,7 @@ def test_smoltalk_stand_in_holds_out_a_test_split(tasks, data_root):
     train, test = tasks["smoltalk"], SmolTalk("test", data_root)
     rows = read_records(data_root / "sft" / "sft_messages.jsonl")
     assert train.num_skipped == test.num_skipped == 0  # single-turn user/assistant rows, all valid
+    rows = shuffled(rows)  # the reference's order first
     assert test.conversations == [{"messages": r["messages"]} for r in rows[::20]]  # every 20th row
     assert len(train) + len(test) == len(rows) == 2028
     assert train[0]["messages"] == rows[1]["messages"] and train[19]["messages"] == rows[21]["messages"]
@@ -240,36 +245,36 @@ def test_custom_json(tmp_path, tok):
                                                  ("mississippi", "s", 4), ("apple", "z", 0)])
 def test_count_letter_answer(word, letter, count):
     parts = count_letter_answer(word, letter)
-    assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
-    assert parts[1]["text"] == f"'{word}'.count('{letter}')"
-    assert eval(parts[1]["text"]) == count and parts[2]["text"] == str(count)  # a real python call
-    assert extract_answer(parts[3]["text"]) == str(count)
-    assert ", ".join(word) in parts[0]["text"]
+    assert [p["type"] for p in parts] == ["text", "text", "python", "python_output", "text"]
+    assert parts[2]["text"] == f"'{word}'.count('{letter}')"
+    assert eval(parts[2]["text"]) == count and parts[3]["text"] == str(count)  # a real python call
+    assert extract_answer(parts[4]["text"]) == str(count)
+    assert f"{word}:{','.join(word)}" in parts[0]["text"] and parts[0]["text"].count(" hit! ") == count
 
 
 def test_spelling_bee_on_real_words(tasks, data_root):
     bee = tasks["spelling_bee"]
     for i in range(len(bee)):
         conversation = bee[i]
-        python = conversation["messages"][1]["content"][1]["text"]  # 'word'.count('l')
+        python = conversation["messages"][1]["content"][2]["text"]  # 'word'.count('l')
         word, letter = python.split("'")[1], python.split("'")[3]
         count = word.count(letter)
         assert word in conversation["messages"][0]["content"]
         assert bee.evaluate(conversation, f"So the answer is\n#### {count}")
         assert not bee.evaluate(conversation, f"#### {count + 1}")
-    assert {bee[i]["messages"][1]["content"][2]["text"] for i in range(len(bee))} >= {"0", "1", "2"}
-    # each example has its own seed: a slice sees the same examples, the test split others
+    assert {bee[i]["messages"][1]["content"][3]["text"] for i in range(len(bee))} >= {"0", "1", "2"}
+    # each example has its own seed: a slice sees the same examples; test example i is train
+    # example i + 1 (random.Random(-(i + 1)) seeds as random.Random(i + 1)), as in the reference
     assert SpellingBee(50, data_root=data_root, start=7)[0] == bee[7]
-    assert SpellingBee(50, "test", data_root=data_root)[0] != bee[0]
-    assert SpellingBee(50, seed=1, data_root=data_root)[0] != bee[0]
+    assert SpellingBee(50, "test", data_root=data_root)[0] == bee[1] != bee[0]
 
 
 def test_simple_spelling(tasks):
     spelling = tasks["simple_spelling"]
     for i in range(len(spelling)):
         user, assistant = (m["content"] for m in spelling[i]["messages"])
-        word, letters = assistant.split(": ")
-        assert word in user and letters.split(", ") == list(word)
+        word, letters = assistant.split(":")
+        assert user == f"Spell the word: {word}" and letters.split(",") == list(word)
 
 
 # -----------------------------------------------------------------------------
@@ -279,33 +284,34 @@ def test_simple_spelling(tasks):
 def test_humaneval_program_runs_the_tests(tasks, data_root):
     humaneval = tasks["humaneval"]
     conversation = humaneval[0]
-    assert {"prompt", "test", "entry_point"} <= conversation.keys()
-    solution = humaneval.rows[0]["canonical_solution"]
+    assert {"test", "entry_point"} <= conversation.keys()
+    prompt, solution = conversation["messages"][0]["content"], humaneval.rows[0]["canonical_solution"]
 
     def run(program: str) -> bool:  # in-process stand-in for the sandbox: this is our own code
         try:
             exec(program, {})
             return True
-        except AssertionError:
+        except (AssertionError, SyntaxError):
             return False
 
     sandboxed = HumanEval(data_root, run_program=run)
-    assert sandboxed.evaluate(conversation, solution)  # a bare body completes the prompt
-    assert sandboxed.evaluate(conversation, f"Here you go:\n```python\n{conversation['prompt']}{solution}```\nDone.")
-    assert not sandboxed.evaluate(conversation, "    return not True\n")
+    assert sandboxed.evaluate(conversation, prompt + solution)
+    assert sandboxed.evaluate(conversation, f"Here you go:\n```python\n{prompt}{solution}```\nDone.")
+    assert not sandboxed.evaluate(conversation, solution)  # a bare body is not a program (the reference's rule)
+    assert not sandboxed.evaluate(conversation, prompt + "    return not True\n")
     with pytest.raises(RuntimeError, match="sandbox"):
         humaneval.evaluate(conversation, solution)
-    program = humaneval_program(conversation, solution)
-    assert program.startswith(conversation["prompt"] + solution)
-    assert program.rstrip().endswith(f"check({conversation['entry_point']})")
+    program = humaneval_program(conversation, prompt + solution)
+    assert program.startswith(prompt_imports(prompt) + "\n\n" + (prompt + solution).strip())
+    assert program.endswith(f"\ncheck({conversation['entry_point']})")
 
 
 @pytest.mark.parametrize("completion, code", [
-    ("def f():\n    return 1\n", "def f():\n    return 1\n"),
-    ("Sure:\n```python\ndef f():\n    return 1\n```\nThat's it.", "def f():\n    return 1\n"),
-    ("```\nx = 1\n```", "x = 1\n"),
-    ("```py\nx = 1\n", "x = 1\n"),  # unclosed fence: to the end
-    ("```python\na = 1\n```\n```python\nb = 2\n```", "a = 1\n"),  # the first block
+    ("def f():\n    return 1\n", "def f():\n    return 1"),
+    ("Sure:\n```python\ndef f():\n    return 1\n```\nThat's it.", "def f():\n    return 1"),
+    ("```\nx = 1\n```", "x = 1"),
+    ("```python\nx = 1\n", "```python\nx = 1"),  # unclosed fence: not a block, the whole completion
+    ("```python\na = 1\n```\n```python\nb = 2\n```", "a = 1"),  # the first block
 ])
 def test_extract_code(completion, code):
     assert extract_code(completion) == code

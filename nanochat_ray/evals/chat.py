@@ -92,7 +92,11 @@ def evaluate_categorical(task: Task, indices: Iterable[int], model: torch.nn.Mod
     for b in range(0, len(indices), batch_size):
         batch = indices[b:b + batch_size]
         conversations = [task[i] for i in batch]
+        # a prompt longer than a GPT's rotary table (10 × its context) keeps its end, where the
+        # answer is read (the reference would stop there; only tiny test models get near it)
+        limit = getattr(model, "rotary_len", None)
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        prompts = [p[-limit:] if limit else p for p in prompts]
         width = max(len(p) for p in prompts)
         # right padding: causal attention keeps it out of every position we read; any id will do
         pad = tokenizer.bos_token_id

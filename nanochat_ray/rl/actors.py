@@ -24,8 +24,8 @@ from nanochat_ray.checkpoint import latest_step, load_checkpoint, read_checkpoin
 from nanochat_ray.common import autocast, compute_dtype, default_device
 from nanochat_ray.config import Config
 from nanochat_ray.gpt import build_gpt
-from nanochat_ray.optim import build_optimizers, step_optimizers
-from nanochat_ray.rl.policy import Group, group_advantages, policy_batch, policy_loss_sum, sample_groups
+from nanochat_ray.optim import build_optimizers, set_muon_momentum, step_optimizers
+from nanochat_ray.rl.policy import Group, question_loss, sample_groups
 from nanochat_ray.rl.tasks import RewardTask, load_reward_task
 from nanochat_ray.tokenizer import Tokenizer
 
@@ -118,7 +118,7 @@ class Learner:
         self._reset()
 
     def _reset(self) -> None:
-        self.loss_sum, self.valid_tokens, self.busy_seconds = 0.0, 0, 0.0
+        self.loss_sum, self.questions, self.valid_tokens, self.busy_seconds = 0.0, 0, 0, 0.0
         self.model.zero_grad(set_to_none=True)
 
     def describe(self) -> dict:
@@ -135,50 +135,43 @@ class Learner:
         return self.version, [ray.put(state)]
 
     def accumulate(self, result: RolloutResult) -> None:
-        """Add one rollout's gradient, unnormalised; step() divides by the step's valid tokens."""
+        """Add one rollout's gradient, each question's normalised by its own sampled tokens; step()
+        divides by the step's number of questions."""
         if result.version != self.version:
             raise StaleWeightsError(f"a rollout from weights v{result.version} reached the learner at "
                                     f"v{self.version}: on-policy training takes current samples only")
         start = time.perf_counter()
-        sequences, masks, advantages = [], [], []
-        for group in result.groups:
-            rewards = torch.tensor(group.rewards, dtype=torch.float32)
-            advantages += group_advantages(rewards[None])[0].tolist()
-            sequences += [group.prompt + tokens for tokens in group.tokens]
-            masks += [[0] * len(group.prompt) + mask for mask in group.masks]
         self.model.train()
-        # as many whole sequences per forward as fit the token budget of a training micro-step
-        rows = max(1, self.cfg.device_batch_size * self.cfg.seq_len // max(len(s) for s in sequences))
-        for i in range(0, len(sequences), rows):
-            inputs, targets, row_advantages = policy_batch(sequences[i:i + rows], masks[i:i + rows],
-                                                           advantages[i:i + rows], self.device)
-            with self.autocast:
-                loss_sum, valid = policy_loss_sum(self.model, inputs, targets, row_advantages)
-            loss_sum.backward()
-            self.loss_sum += loss_sum.item()
-            self.valid_tokens += valid
+        for group in result.groups:
+            # as many whole sequences per forward as fit the token budget of a training micro-step
+            longest = len(group.prompt) + max(map(len, group.tokens))
+            rows = max(1, self.cfg.device_batch_size * self.cfg.seq_len // longest)
+            self.loss_sum += question_loss(self.model, group, rows, self.autocast)
+            self.questions += 1
+            self.valid_tokens += sum(map(sum, group.masks))
         self.busy_seconds += time.perf_counter() - start
 
     def step(self, num_iterations: int) -> dict:
-        """Normalise by the step's valid tokens, apply the LR schedule, update; returns its metrics."""
+        """Average over the step's questions, apply the LR schedule, update; returns its metrics."""
         if self.fail_at_step == self.step_count + 1:
             self.fail_at_step = None
             raise RuntimeError(f"injected learner failure in the update to step {self.step_count + 1}")
         start = time.perf_counter()
-        valid = max(1, self.valid_tokens)
+        questions = max(1, self.questions)
         for p in self.model.parameters():
             if p.grad is not None:
-                p.grad.div_(valid)  # the same as dividing every micro-batch's loss by the step's total
+                p.grad.div_(questions)
         multiplier = self.cfg.lr_multiplier(self.step_count, num_iterations)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * multiplier
+        set_muon_momentum(self.optimizers[1], self.step_count, self.cfg.muon_momentum_warmup)
         grad_norm = step_optimizers(self.optimizers, self.cfg.grad_clip)
         self.step_count += 1
         self.version = self.step_count
         seconds = self.busy_seconds + time.perf_counter() - start
         self.train_seconds += seconds
-        metrics = {"loss": self.loss_sum / valid, "valid_tokens": self.valid_tokens, "lr_multiplier": multiplier,
+        metrics = {"loss": self.loss_sum / questions, "valid_tokens": self.valid_tokens, "lr_multiplier": multiplier,
                    "learner_seconds": seconds} | ({"grad_norm": grad_norm} if grad_norm is not None else {})
         self._reset()
         return metrics

@@ -18,8 +18,8 @@ already sample the next step (overlap 2).
 
 Overlaps, and why they keep SPEC §10's on-policy semantics:
   1. learner ← rollouts: a call's gradient depends only on its own groups (advantages are per
-     question) and on weights that do not change until step(); dividing by the step's total
-     valid tokens at the end equals normalising the whole batch at once. Calls are accumulated
+     question, and so is the loss normalisation) and on weights that do not change until step();
+     dividing by the step's number of questions at the end averages them. Calls are accumulated
      in submission order, so the sum is the same whichever actor finishes first.
   2. checkpoint ← next rollouts: the checkpoint holds the weights already published.
 Not overlapped: sampling step s+1 before update s lands would be off-policy (stale weights), so
@@ -81,7 +81,9 @@ RL_CONFIG_DEFAULT = dict(num_iterations=-1, eval_every=60, save_every=60)  # -1:
 
 
 def rl_config_defaults(preset: str) -> dict:
-    return dict(init_lr_frac=0.05, warmdown_ratio=1.0, final_lr_frac=0.0, **RL_CONFIG.get(preset, RL_CONFIG_DEFAULT))
+    # no gradient clipping and constant Muon momentum, as the reference's RL
+    return dict(init_lr_frac=0.05, warmdown_ratio=1.0, final_lr_frac=0.0, grad_clip=0.0, muon_momentum_warmup=0,
+                **RL_CONFIG.get(preset, RL_CONFIG_DEFAULT))
 
 
 def check_options(options: RLOptions) -> None:

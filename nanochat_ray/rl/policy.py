@@ -3,14 +3,16 @@ The RL arithmetic, plain torch (SPEC §10): sample groups with the engine, advan
 
     groups = sample_groups(model, tokenizer, prompts, seeds, num_samples=16, max_tokens=256)
     advantages = group_advantages(rewards)                       # reward − its question's mean
-    inputs, targets, row_advantages = policy_batch(sequences, masks, advantages)
-    loss_sum, valid = policy_loss_sum(model, inputs, targets, row_advantages)
+    loss = question_loss(model, group, rows_per_pass)             # backward() done, normalised
 
-The loss is −Σ logprob(token) × advantage over the tokens the model sampled, divided by the
-number of such tokens in the whole step. Prompt tokens and the calculator's forced tokens
-(mask 0) have target −1: they are context, never trained on. No KL, no clipping: on-policy.
+The loss is the reference's: per question, −Σ logprob(token) × advantage over the tokens the
+model sampled, divided by the number of such tokens of that question; then the mean over the
+step's questions. Prompt tokens, the calculator's forced tokens and the terminal token
+(<|assistant_end|> / <|bos|>) have mask 0, so target −1: context, never trained on (the
+reference's engine leaves the terminal token out of the sequence). No KL, no clipping: on-policy.
 """
 
+import contextlib
 from dataclasses import dataclass
 from math import ceil, comb
 
@@ -26,7 +28,7 @@ class Group:
     """num_samples completions of one prompt; tokens end with the terminal token when one was sampled."""
     prompt: list[int]
     tokens: list[list[int]]  # generated ids per sample
-    masks: list[list[int]]  # 1 = sampled by the model, 0 = forced by the calculator
+    masks: list[list[int]]  # 1 = sampled by the model and trained on; 0 = forced by the calculator, or terminal
     rewards: list[float] | None = None
 
     def completions(self, tokenizer: Tokenizer) -> list[str]:
@@ -46,6 +48,7 @@ def sample_groups(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], se
     longest = max(len(p) for p in prompts)
     batch = DecodeBatch(model, tokenizer, max_rows=len(prompts) * num_samples, seq_len=longest + max_tokens)
     groups = [Group(p, [[] for _ in range(num_samples)], [[] for _ in range(num_samples)]) for p in prompts]
+    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
     owner = {}  # row id → (group, sample)
     for j, (prompt, seed) in enumerate(zip(prompts, seeds)):
         ids = batch.add(prompt, num_samples, max_tokens, temperature, top_k, seed)
@@ -54,7 +57,7 @@ def sample_groups(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], se
         for row, generated in batch.step().items():
             j, i = owner[row]
             groups[j].tokens[i].append(generated.token)
-            groups[j].masks[i].append(generated.mask)
+            groups[j].masks[i].append(0 if generated.token in stops else generated.mask)
     return groups
 
 
@@ -99,6 +102,27 @@ def default_questions_per_call(questions: int, actors: int) -> int:
     """Questions per rollout call when not given: half an actor's share of the step, so each actor's
     share comes in two calls and the learner starts on the first while the second samples."""
     return max(1, ceil(ceil(questions / actors) / 2))
+
+
+def question_loss(model: GPT, group: Group, rows_per_pass: int,
+                  autocast_ctx: contextlib.AbstractContextManager | None = None) -> float:
+    """Backpropagate one question's policy loss, normalised by its own sampled tokens (the
+    reference's normalisation); returns the loss. The caller divides the step's gradient by its
+    number of questions. Samples go `rows_per_pass` at a time, which changes nothing but memory."""
+    advantages = group_advantages(torch.tensor(group.rewards, dtype=torch.float32)[None])[0].tolist()
+    sequences = [group.prompt + tokens for tokens in group.tokens]
+    masks = [[0] * len(group.prompt) + mask for mask in group.masks]
+    valid = max(1, sum(map(sum, group.masks)))
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, len(sequences), rows_per_pass):
+        inputs, targets, row_advantages = policy_batch(sequences[i:i + rows_per_pass], masks[i:i + rows_per_pass],
+                                                       advantages[i:i + rows_per_pass], device)
+        with autocast_ctx or contextlib.nullcontext():
+            loss_sum, _ = policy_loss_sum(model, inputs, targets, row_advantages)
+        (loss_sum / valid).backward()
+        total += loss_sum.item() / valid
+    return total
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:

@@ -10,6 +10,7 @@ for evaluation tasks, scored: `task.evaluate(conversation, completion) -> bool`.
 import bisect
 import itertools
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -48,15 +49,26 @@ class Task:
         return self.example(self.start + i * self.step)
 
 
+SHUFFLE_SEED = 42  # the reference shuffles every dataset-backed task with this seed when loading it
+
+
+def shuffled(rows: list) -> list:
+    """Rows in the reference's order: position i holds row permutation(n)[i] of numpy's
+    default_rng(42), which is what HF datasets' Dataset.shuffle(seed=42) does. Slices (SFT's first
+    10K SmolTalk rows, an eval's first N problems) are thus random subsets, as in the reference."""
+    return [rows[i] for i in np.random.default_rng(SHUFFLE_SEED).permutation(len(rows))]
+
+
 def load_rows(dataset: str, split: str, data_root: str | Path | None, fix: str = "") -> list[dict]:
-    """Rows of a registry dataset; `fix` adds what to do instead when the split is unavailable."""
+    """Rows of a registry dataset in the reference's shuffled order; `fix` adds what to do
+    instead when the split is unavailable."""
     try:
         path = resolve(dataset, split, data_root)
     except DataUnavailableError as e:
         if not fix:
             raise
         raise DataUnavailableError(f"{e} {fix}") from e
-    return read_records(path)
+    return shuffled(read_records(path))
 
 
 def validate_conversation(conversation: dict) -> None:
@@ -94,15 +106,18 @@ class TaskMixture(Task):
     """All examples of several tasks in one deterministic shuffled order (set by `seed`).
 
     List a task twice to see it twice per epoch (SPEC §7: identity conversations ×2); the two
-    copies land at independent places in the order.
+    copies land at independent places in the order. The order is the reference's: Python's
+    random.Random(seed).shuffle of the examples listed task by task (seed 42 there).
     """
 
-    def __init__(self, tasks: list[Task], seed: int = 0, **slicing):
+    def __init__(self, tasks: list[Task], seed: int = SHUFFLE_SEED, **slicing):
         super().__init__(**slicing)
         self.tasks = tasks
         self.ends = list(itertools.accumulate(len(task) for task in tasks))  # global end index of each task
-        # a permutation array, not a list of (task, index) pairs: ~850K rows in midtraining
-        self.order = np.random.default_rng(seed).permutation(self.ends[-1] if tasks else 0)
+        # shuffling flat indices moves them exactly as the reference's (task, index) pairs move
+        order = list(range(self.ends[-1] if tasks else 0))
+        random.Random(seed).shuffle(order)
+        self.order = np.array(order, dtype=np.int64)  # ~850K rows in midtraining: an array, not a list
 
     def num_examples(self) -> int:
         return len(self.order)

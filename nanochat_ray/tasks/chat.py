@@ -1,15 +1,16 @@
 """
 General chat data: SmolTalk (SPEC §7, §9) and the identity conversations that give the model its name.
 
+Rows are in the reference's shuffled order (seed 42), so SFT's first 10K rows are a random subset.
 With the offline mirror, SmolTalk is its small stand-in (LIMA + Alpaca, sft/SOURCE.md), which has
-no test split: there, every 20th row is held out as "test" and "train" is the rest.
+no test split: there, after the shuffle, every 20th row is held out as "test" and "train" is the rest.
 """
 
 import re
 from pathlib import Path
 
 from nanochat_ray.data.registry import SOURCES, mirror_root, read_records, resolve
-from nanochat_ray.tasks.base import Task, load_rows, validate_conversation
+from nanochat_ray.tasks.base import Task, load_rows, shuffled, validate_conversation
 
 MODEL_NAME = "nanochat-ray"
 MAKER = "the nanochat-ray project"
@@ -28,7 +29,7 @@ class SmolTalk(Task):
         stand_in = root / SOURCES["smoltalk"]["train"].mirror if root is not None else None
         if stand_in is not None and stand_in.exists():  # resolve() would pick it for train too
             held_out = split == "test"
-            rows = [row for i, row in enumerate(read_records(stand_in)) if (i % HOLDOUT_EVERY == 0) == held_out]
+            rows = [row for i, row in enumerate(shuffled(read_records(stand_in))) if (i % HOLDOUT_EVERY == 0) == held_out]
         else:
             rows = load_rows("smoltalk", split, data_root)
         self.conversations = []

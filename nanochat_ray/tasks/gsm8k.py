@@ -4,35 +4,37 @@ GSM8K grade-school math (SPEC §7-§9), with the calculator annotations turned i
 The reference answer "48/2 = <<48/2=24>>24 clips" becomes assistant parts
 text "48/2 = ", python "48/2", python_output "24", text "24 clips": the model learns to call
 the tool and to read its result (which it is not trained to write). The final "#### N" stays.
+
+Grading is the reference's, exactly (it is also the RL reward): the first "#### " (one space)
+followed by digits, signs, dots and commas, commas dropped, compared as strings. "#### 109.0",
+"####109" and "#### $109" are wrong answers for 109; a lenient grader would inflate scores.
 """
 
 import re
-from decimal import Decimal
 from pathlib import Path
 
 from nanochat_ray.tasks.base import Task, load_rows
 
 CALCULATOR = re.compile(r"<<([^<>=]*)=([^<>]*)>>")  # <<expression=result>>
-# the first "#### N": a number with optional sign, thousands commas, decimals and a leading $
-FINAL_ANSWER = re.compile(r"####\s*\$?\s*(-?(?:\d[\d,]*(?:\.\d+)?|\.\d+))")
+FINAL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
 
 
 def extract_answer(text: str) -> str | None:
-    """The number after the first "####", commas removed ("1,234.5" → "1234.5"); None if absent.
-
-    The first, not the last: the model commits to its answer there and stops; text after it
-    is not an answer the grader should pick from.
-    """
+    """The run of [-0-9.,] after the first "#### ", commas removed ("1,234.5" → "1234.5"); None if absent."""
     match = FINAL_ANSWER.search(text)
     return match.group(1).replace(",", "") if match else None
 
 
-def answers_match(completion: str, reference: str) -> bool:
-    """Whether both texts end in the same "#### N" number (numerically: "72.0" equals "72")."""
-    got, want = extract_answer(completion), extract_answer(reference)
-    if got is None or want is None:
-        return False
-    return Decimal(got) == Decimal(want)  # the pattern only admits valid decimals
+def final_answer_text(conversation: dict) -> str:
+    """The last part of the last (assistant) message: where the reference answer's "#### N" is."""
+    content = conversation["messages"][-1]["content"]
+    return content if isinstance(content, str) else content[-1]["text"]
+
+
+def answers_match(completion: str, conversation: dict) -> bool:
+    """Whether the completion's "#### N" is, as a string, the reference answer's."""
+    got = extract_answer(completion)
+    return got is not None and got == extract_answer(final_answer_text(conversation))
 
 
 def calculator_parts(answer: str) -> list[dict]:
@@ -61,7 +63,7 @@ def assistant_text(conversation: dict) -> str:
 class GSM8K(Task):
     def __init__(self, split: str, data_root: str | Path | None = None, **slicing):
         super().__init__(**slicing)
-        self.rows = load_rows("gsm8k", split, data_root)
+        self.rows = load_rows("gsm8k", split, data_root)  # shuffled as the reference shuffles
 
     def num_examples(self) -> int:
         return len(self.rows)
@@ -74,4 +76,4 @@ class GSM8K(Task):
         ]}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        return answers_match(completion, assistant_text(conversation))
+        return answers_match(completion, conversation)

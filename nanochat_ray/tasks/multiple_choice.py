@@ -1,9 +1,13 @@
 """
-Multiple-choice tasks: MMLU and ARC (Easy / Challenge), as conversations whose answer is one letter.
+Multiple-choice tasks: MMLU and ARC (Easy / Challenge), as conversations whose answer is one letter,
+in the reference's prompt format:
 
-    user:      the question, then "A. ...", "B. ...", one line per choice, then an instruction
+    user:      "Multiple Choice question: <question>", one "- <choice>=<letter>" line per choice,
+               then "Respond only with the letter of the correct answer."
     assistant: "B"
 
+The letter comes after its choice, with no space before it, so the prompt holds the very token
+the answer is ("A", not " A"): small models bind choice and letter much better that way.
 The conversation also carries `"letters"` (the letters offered, as many as the item has choices):
 the categorical eval compares only those letters' logits (SPEC §8).
 """
@@ -14,16 +18,20 @@ from pathlib import Path
 from nanochat_ray.tasks.base import Task, load_rows
 
 
-def multiple_choice_conversation(question: str, choices: list[str], answer: int) -> dict:
-    letters = list(string.ascii_uppercase[:len(choices)])
-    lines = [question.strip(), ""]
-    lines += [f"{letter}. {choice}" for letter, choice in zip(letters, choices)]
-    lines += ["", f"Answer with the letter of the correct choice ({', '.join(letters)})."]
+def render_mc(question: str, letters: list[str], choices: list[str]) -> str:
+    lines = [f"Multiple Choice question: {question}"] + [f"- {c}={letter}" for letter, c in zip(letters, choices)]
+    return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
+
+
+def multiple_choice_conversation(question: str, choices: list[str], answer: int, letters: list[str] | None = None,
+                                 **extra) -> dict:
+    letters = letters or list(string.ascii_uppercase[:len(choices)])
     return {
         "messages": [
-            {"role": "user", "content": "\n".join(lines)},
+            {"role": "user", "content": render_mc(question, letters, choices)},
             {"role": "assistant", "content": letters[answer]},
         ],
+        **extra,
         "letters": letters,
     }
 
@@ -50,9 +58,8 @@ class MMLU(MultipleChoiceTask):
 
     def example(self, index: int) -> dict:
         row = self.rows[index]
-        conversation = multiple_choice_conversation(row["question"], row["choices"], row["answer"])
-        conversation["subject"] = row.get("subject", "")
-        return conversation
+        return multiple_choice_conversation(row["question"], row["choices"], row["answer"],
+                                            subject=row.get("subject", ""))
 
 
 class ARC(MultipleChoiceTask):
@@ -70,6 +77,6 @@ class ARC(MultipleChoiceTask):
 
     def example(self, index: int) -> dict:
         row = self.rows[index]
-        # letters by position: a few items label their choices "1".."4" instead of "A".."D"
-        labels = row["choices"]["label"]
-        return multiple_choice_conversation(row["question"], row["choices"]["text"], labels.index(row["answerKey"]))
+        labels = row["choices"]["label"]  # the item's own letters (on the hub a few items use "1".."4")
+        return multiple_choice_conversation(row["question"], row["choices"]["text"], labels.index(row["answerKey"]),
+                                            letters=labels)

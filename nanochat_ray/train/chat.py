@@ -4,10 +4,12 @@ Midtraining and SFT (SPEC §7, §9): the data source of the `mid` and `sft` stag
     python jobs/midtrain.py --preset cpu       # base → mid: conversations packed into rows
     python jobs/sft.py --preset cpu            # mid → sft: one conversation per row, padded
 
-Both render task mixtures with tokenizer.render_conversation, so the loss falls only on what
-the assistant says (mask 1); tool outputs and user turns are context. Step s always takes the
-same rows (mid) or conversations (sft) of the seeded mixture, whatever the number of workers,
-so runs are reproducible and a resume continues exactly; the data position is the step.
+Both render task mixtures with tokenizer.render_conversation. As in the reference, midtraining
+trains on every token of the packed conversations (and its val bpb counts them all); SFT trains
+only on what the assistant says (mask 1), tool outputs and user turns being context. Step s
+always takes the same rows (mid) or conversations (sft) of the seeded mixture, whatever the
+number of workers, so runs are reproducible and a resume continues exactly; the data position
+is the step.
 """
 
 import dataclasses
@@ -65,14 +67,14 @@ def training_mixture(stage: str, data_root: str | None, seed: int, fallbacks: Fa
                               lambda: TaskMixture([MMLU("dev", data_root), MMLU("validation", data_root)], seed=seed),
                               "MMLU dev + validation")
         tasks = [SmolTalk("train", data_root), mmlu, GSM8K("train", data_root), identity, identity,  # identity ×2
-                 SimpleSpelling(200_000, "train", seed, data_root), SpellingBee(80_000, "train", seed, data_root)]
+                 SimpleSpelling(200_000, "train", data_root), SpellingBee(80_000, "train", data_root)]
     else:
         arc = [fallbacks.pick(f"{subset} train", lambda subset=subset: ARC(subset, "train", data_root),
                               lambda subset=subset: ARC(subset, "validation", data_root),
                               f"{subset} validation (the chat evals use test)")
                for subset in ("ARC-Easy", "ARC-Challenge")]
         tasks = arc + [GSM8K("train", data_root), SmolTalk("train", data_root, stop=10_000), identity,
-                       SimpleSpelling(300, "train", seed, data_root), SpellingBee(300, "train", seed, data_root)]
+                       SimpleSpelling(300, "train", data_root), SpellingBee(300, "train", data_root)]
     return TaskMixture(tasks, seed=seed)
 
 
@@ -81,17 +83,19 @@ def validation_mixture(data_root: str | None, seed: int) -> TaskMixture:
                         GSM8K("test", data_root, stop=420)], seed=seed)
 
 
-def packed_rows(task: Task, tokenizer: Tokenizer, row_len: int) -> Iterator[np.ndarray]:
-    """(2, row_len) rows of tokens and loss mask: conversations concatenated and cut, epoch after epoch."""
+def packed_rows(task: Task, tokenizer: Tokenizer, row_len: int, masked: bool = False) -> Iterator[np.ndarray]:
+    """Conversations (rendered as the reference, up to 2,048 tokens each) concatenated and cut
+    into rows, epoch after epoch: (row_len,) tokens, every target counting (midtraining), or with
+    `masked` (2, row_len) tokens and the assistant mask."""
     ids: list[int] = []
     mask: list[int] = []
     while True:
         for i in range(len(task)):
-            conversation_ids, conversation_mask = tokenizer.render_conversation(task[i], max_tokens=row_len)
+            conversation_ids, conversation_mask = tokenizer.render_conversation(task[i])
             ids += conversation_ids
             mask += conversation_mask
             while len(ids) >= row_len:
-                yield np.array([ids[:row_len], mask[:row_len]], dtype=np.int32)
+                yield np.array([ids[:row_len], mask[:row_len]] if masked else ids[:row_len], dtype=np.int32)
                 del ids[:row_len], mask[:row_len]
 
 
@@ -127,7 +131,7 @@ class ChatData:
         if self.stage == "sft":  # one epoch of conversations
             return max(1, len(mixture) // self._rows_per_step(cfg))
         tokenizer = Tokenizer.from_directory(self.tokenizer_dir)
-        tokens = sum(len(tokenizer.render_conversation(mixture[i], cfg.seq_len + 1)[0]) for i in range(len(mixture)))
+        tokens = sum(len(tokenizer.render_conversation(mixture[i])[0]) for i in range(len(mixture)))
         return max(1, tokens // ((cfg.seq_len + 1) * self._rows_per_step(cfg)))  # one epoch of packed rows
 
     def open(self, cfg: Config, rank: int, world_size: int, state: TrainState, device: torch.device) -> Batches:
@@ -159,12 +163,14 @@ class ChatData:
 
     def evaluations(self, cfg: Config, model: GPT, tokenizer: Tokenizer, rank: int, world_size: int,
                     device: torch.device) -> Periodic:
-        """Val bits per byte on the assistant tokens of the validation mixture, packed; SFT adds
-        quick MMLU and ARC-Easy accuracy (SPEC §9) on a few test questions, shared over workers."""
+        """Val bits per byte on the validation mixture, packed: over every token for mid (what it
+        trains on), over the assistant's tokens for sft. SFT adds quick MMLU and ARC-Easy accuracy
+        (SPEC §9) on a few test questions, shared over workers."""
         rows_total = max(world_size, cfg.eval_tokens // cfg.seq_len)
-        # rows of user text alone count nothing in bpb: take rows where the assistant speaks
-        stream = (row for row in packed_rows(validation_mixture(self.data_root, cfg.seed), tokenizer, cfg.seq_len + 1)
-                  if row[1, 1:].any())
+        stream = packed_rows(validation_mixture(self.data_root, cfg.seed), tokenizer, cfg.seq_len + 1,
+                             masked=self.stage == "sft")
+        if self.stage == "sft":
+            stream = (row for row in stream if row[1, 1:].any())  # user text alone counts nothing in bpb
         rows = np.stack([next(stream) for _ in range(rows_total)])[rank::world_size][:rows_total // world_size]
         val_batches = [to_batch(rows[i:i + cfg.device_batch_size], device)
                        for i in range(0, len(rows), cfg.device_batch_size)]

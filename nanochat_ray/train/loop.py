@@ -92,29 +92,35 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * multiplier
-        set_muon_momentum(optimizers[1], step)
+        set_muon_momentum(optimizers[1], step, cfg.muon_momentum_warmup)
 
         rows, position = pending()  # blocks only when the data pipeline is behind
         waited = time.perf_counter() - start
         if step + 1 < num_iterations:
             pending = batches(step + 1)  # the next rows arrive while this step computes
         micro_batches = [to_batch(rows[m * micro_rows:(m + 1) * micro_rows], device) for m in range(accum)]
+        counts = [(targets >= 0).sum() for _, targets in micro_batches]
         # real tokens: positions whose next token is not padding (SFT pads rows to their longest
         # conversation); a pretraining row of T+1 tokens has T
         real = int((rows[:, 0, 1:] != PAD_ID).sum()) if rows.ndim == 3 else rows.shape[0] * (rows.shape[-1] - 1)
-        # the loss is the mean over every counted target of the step, on all workers together, so
-        # the split over workers and micro-batches changes nothing (the optimizers average over
-        # workers, hence the world_size factor)
+        totals = sum_over_workers(torch.stack([sum(counts), torch.tensor(real, device=device)]))
         # (at least 1: a step of SFT rows cut before the assistant speaks has nothing to learn)
-        totals = sum_over_workers(torch.stack([sum((targets >= 0).sum() for _, targets in micro_batches),
-                                               torch.tensor(real, device=device)]))
         counted = totals[0].clamp(min=1)
+        if cfg.loss_weighting == "token":
+            # the mean over every counted target of the step, on all workers together, so the split
+            # over workers and micro-batches changes nothing (the optimizers average over workers,
+            # hence the world_size factor)
+            weights = [world_size / counted] * accum
+        else:
+            # the reference's: each micro-batch's mean, averaged over micro-batches and workers, so
+            # a micro-batch of short answers weighs as much as one of long chats
+            weights = [1 / (count.clamp(min=1) * accum) for count in counts]
         loss_sum = torch.zeros((), device=device)
-        for inputs, targets in micro_batches:
+        for (inputs, targets), weight in zip(micro_batches, weights):
             with ctx:
                 loss = step_model(inputs, targets=targets, loss_reduction="sum")
             loss_sum += loss.detach()
-            (loss * world_size / counted).backward()
+            (loss * weight).backward()
         # clips by the norm of the gradient averaged over workers, so 1 and N workers agree
         grad_norm = step_optimizers(optimizers, cfg.grad_clip)
         model.zero_grad(set_to_none=True)
