@@ -9,8 +9,6 @@ Also prints the floor: a bare `python -I -S -B -c pass` start-up, which most of 
 """
 
 import argparse
-import gzip
-import json
 import os
 import statistics
 import subprocess
@@ -21,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from nanochat_ray.evals.sandbox import check_humaneval
+from nanochat_ray.evals.sandbox import run_program
+from nanochat_ray.tasks import HumanEval, humaneval_program
 
 
 def parse_args() -> argparse.Namespace:
@@ -36,8 +35,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    with gzip.open(Path(args.data_root) / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
-        problems = [json.loads(line) for line in f][: args.problems]
+    # each conversation's answer is the canonical solution (prompt + body), graded as the reference grades
+    problems = list(HumanEval(args.data_root, stop=args.problems))
     print(f"{len(problems)} problems, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
 
     startups = []
@@ -50,7 +49,7 @@ def main() -> None:
     for workers in args.workers:
         start = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(lambda p: check_humaneval(p, p["canonical_solution"]), problems))
+            results = list(pool.map(lambda c: run_program(humaneval_program(c, c["messages"][1]["content"])), problems))
         seconds = time.perf_counter() - start
         passed = sum(r.success for r in results)
         latency = statistics.median(r.duration for r in results) * 1000

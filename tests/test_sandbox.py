@@ -4,8 +4,6 @@
 """
 
 import functools
-import gzip
-import json
 import os
 import socket
 import subprocess
@@ -17,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from nanochat_ray.evals import sandbox
-from nanochat_ray.evals.sandbox import OUTPUT_LIMIT, check_humaneval, run_program
+from nanochat_ray.evals.sandbox import OUTPUT_LIMIT, run_program
+from nanochat_ray.tasks import HumanEval, humaneval_program
 
 DATA_ROOT = Path(os.environ.get("NANOCHAT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 HUMANEVAL = DATA_ROOT / "humaneval" / "HumanEval.jsonl.gz"
@@ -25,10 +24,14 @@ HUMANEVAL = DATA_ROOT / "humaneval" / "HumanEval.jsonl.gz"
 
 @pytest.fixture(scope="module")
 def problems() -> list[dict]:
+    """HumanEval's conversations, the assistant's answer the canonical solution (prompt + body)."""
     if not HUMANEVAL.is_file():
         pytest.fail(f"no HumanEval at {HUMANEVAL}: set NANOCHAT_DATA to a copy of shared/data")
-    with gzip.open(HUMANEVAL, "rt") as f:
-        return [json.loads(line) for line in f]
+    return list(HumanEval(DATA_ROOT))
+
+
+def answer(conversation: dict) -> str:
+    return conversation["messages"][1]["content"]
 
 
 def processes_in_group(pgid: int) -> list[int]:
@@ -51,13 +54,15 @@ def test_humaneval_canonical_solutions_pass(problems):
     assert len(problems) == 164
     # a few at a time: each run is mostly interpreter start-up, and the box has 2 busy cores
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda p: check_humaneval(p, p["canonical_solution"]), problems))
+        results = list(pool.map(lambda c: run_program(humaneval_program(c, answer(c))), problems))
     failed = {p["task_id"]: (r.status, r.error) for p, r in zip(problems, results) if not r.success}
     assert not failed
 
 
 def test_wrong_humaneval_solution_fails(problems):
-    result = check_humaneval(problems[0], "    return not numbers\n")
+    conversation = next(c for c in problems if c["task_id"] == "HumanEval/0")  # has_close_elements
+    wrong = conversation["messages"][0]["content"] + "    return False\n"  # the whole function, a wrong body
+    result = run_program(humaneval_program(conversation, wrong))
     assert result.status == "failed" and "AssertionError" in result.error
 
 

@@ -5,9 +5,11 @@ Each program runs in a fresh interpreter (`python -I -S -B`: no site-packages, n
 minimal environment without the caller's secrets) in its own session and a private temp working
 directory, deleted afterwards. Whatever happens in the program, the caller gets an ExecutionResult.
 
-    from nanochat_ray.evals.sandbox import check_humaneval, run_program
+    from nanochat_ray.evals.sandbox import run_program
     run_program("print(1 + 1)")            # ExecutionResult(status='passed', stdout='2\\n', ...)
-    check_humaneval(problem, completion)   # problem: a HumanEval row
+
+HumanEval programs are assembled by nanochat_ray.tasks.humaneval.humaneval_program (the reference's
+grader) and run here.
 
 What confines it, set up by this file's child side before the program's first line:
 
@@ -201,12 +203,6 @@ def run_program(code: str, timeout: float = 5.0, memory_mb: int = 512) -> Execut
     else:
         status, error = "failed", last_line
     return ExecutionResult(status, stdout_text, stderr_text, error, time.monotonic() - start, truncated)
-
-
-def check_humaneval(problem: dict, completion: str, timeout: float = 5.0, memory_mb: int = 512) -> ExecutionResult:
-    """Run a HumanEval completion against its tests; passed means check(entry_point) raised nothing."""
-    program = problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})\n"
-    return run_program(program, timeout=timeout, memory_mb=memory_mb)
 
 
 def _collect_output(process, timeout: float) -> tuple[bytes, bytes, bool, bool]:
