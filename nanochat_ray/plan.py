@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from nanochat_ray import gpt
 from nanochat_ray.config import Config
 from nanochat_ray.gpus import GPUKind
-from nanochat_ray.rl.policy import default_questions_per_call
 
 GiB = 2**30
 
@@ -220,14 +219,13 @@ def train_memory(cfg: Config, r: Recipe, world: int, tokens: int, mode: str, acc
     return backward if backward.total >= step.total else step
 
 
-def rl_learner_memory(cfg: Config, r: Recipe, gpus: int, batch: int) -> tuple[Memory, int]:
-    """(peak, sequences per forward) of the RL learner (rl/actors.py Learner.accumulate): one call's
-    sequences of prompt + new tokens, as many per forward as fit batch × seq_len tokens; eager bf16;
-    the whole optimizer state; gradients kept across forwards; the head at sampled positions only."""
+def rl_learner_memory(cfg: Config, r: Recipe, batch: int) -> tuple[Memory, int]:
+    """(peak, sequences per forward) of the RL learner (rl/actors.py Learner.accumulate): one
+    question's samples of prompt + new tokens at a time (its loss is normalised on its own), as many
+    per forward as fit batch × seq_len tokens; eager bf16; the whole optimizer state; gradients kept
+    across forwards; the head at sampled positions only."""
     length = RL_PROMPT_TOKENS + RL_MAX_NEW
-    actors = max(1, gpus - 1)  # rl/loop.py: one rollout actor per GPU the learner leaves free
-    per_call = default_questions_per_call(RL_QUESTIONS, actors) * RL_SAMPLES
-    sequences = max(1, min(per_call, batch * cfg.seq_len // length))
+    sequences = max(1, min(RL_SAMPLES, batch * cfg.seq_len // length))
     memory = train_memory(cfg, r, 1, sequences * (length - 1), "eager-bf16", 2, sequences * RL_MAX_NEW)
     return memory, sequences
 
@@ -322,13 +320,13 @@ def make_plan(cfg: Config, gpu: GPUKind, gpus: int, reference: bool = False, mfu
         return row
 
     def learner_row(tokens: float) -> StageRow:
-        memory, sequences = rl_learner_memory(cfg, r, gpus, B)
+        memory, sequences = rl_learner_memory(cfg, r, B)
         length = RL_PROMPT_TOKENS + RL_MAX_NEW
         row = StageRow("RL learner", f"{sequences} × {length - 1}, world 1, eager", memory, fpt,
                        tokens * fpt / (gpu.bf16_flops * mfu))  # one GPU
         row.fits = fits(memory, usable)
         if not row.fits:
-            row.largest_batch = largest_fitting(B, lambda b: rl_learner_memory(cfg, r, gpus, b)[0])
+            row.largest_batch = largest_fitting(B, lambda b: rl_learner_memory(cfg, r, b)[0])
         return row
 
     def eval_row(name: str, rows: int, seq: int, tokens: float, world: int | None) -> StageRow:

@@ -80,8 +80,8 @@ def test_d20_fits_8_h100_with_the_defaults():
     plan = make_plan(make_config("d20"), H100, 8)
     assert refusal(plan) is None
     rows = {row.stage: row for row in plan.rows}
-    # the learner packs one rollout call (2 questions × 16 samples with 7 rollout actors) per forward
-    assert rows["RL learner"].shape.startswith("32 × 511")
+    # the learner takes one question's 16 samples per forward (its loss is normalised on its own)
+    assert rows["RL learner"].shape.startswith("16 × 511")
 
 
 def test_chunked_head_keeps_evaluation_below_training():
