@@ -15,9 +15,11 @@ is built from the converted weights and must reproduce our forward (hidden state
 fp32) on a probe sequence. Needs the `export` extra (transformers >= 5, safetensors).
 """
 
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import torch
 from nanochat_ray.gpt import GPT, SOFTCAP, GPTConfig, build_gpt
 from nanochat_ray.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
 
-ROPE_THETA = 10000.0  # GPT._rotary_table's base
+ROPE_THETA = 10000.0  # GPT.rotary_table's base
 # our norm is F.rms_norm without eps, which takes the input dtype's epsilon: fp32 here
 RMS_NORM_EPS = torch.finfo(torch.float32).eps
 PROBE_TOLERANCE = 1e-4  # max |Δ| allowed on the probe's hidden states and logits (fp32, logits in ±15)
@@ -165,12 +167,26 @@ def tokenizer_config(tokenizer: Tokenizer, model_max_length: int) -> dict:
             "chat_template": CHAT_TEMPLATE}
 
 
+@contextlib.contextmanager
+def exact_rotary(model: GPT) -> Iterator[GPT]:
+    """`model` with fp32 rotary tables, as transformers keeps them. Ours are rounded to bf16, as the
+    reference's are: the same function, but the rounding moves logits by ~1e-3 (as it does between
+    the reference and transformers' port of it), which would hide a real difference."""
+    saved = model.cos, model.sin
+    model.cos, model.sin = model.rotary_table(model.rotary_len, model.config.head_dim, dtype=torch.float32)
+    try:
+        yield model
+    finally:
+        model.cos, model.sin = saved
+
+
 @torch.no_grad()
 def _check_parity(ours: GPT, theirs, vocab_size: int) -> None:
-    """Refuse unless transformers' model reproduces our forward on a probe sequence."""
+    """Refuse unless transformers' model reproduces our forward (on exact rotary tables) on a probe."""
     probe = torch.randint(0, vocab_size, (1, min(32, ours.config.sequence_len)), generator=torch.Generator().manual_seed(0))
-    pairs = (("hidden states", ours.hidden_states(probe), theirs.model(input_ids=probe).last_hidden_state),
-             ("logits", ours(probe), theirs(input_ids=probe).logits))
+    with exact_rotary(ours):
+        pairs = (("hidden states", ours.hidden_states(probe), theirs.model(input_ids=probe).last_hidden_state),
+                 ("logits", ours(probe), theirs(input_ids=probe).logits))
     for what, a, b in pairs:
         gap = (a - b).abs().max().item()
         if not gap <= PROBE_TOLERANCE:

@@ -210,18 +210,18 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # rotary table for 10x the context, so the engine can decode past sequence_len
         self.rotary_len = config.sequence_len * 10
-        cos, sin = self._rotary_table(self.rotary_len, config.head_dim)
+        cos, sin = self.rotary_table(self.rotary_len, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def _rotary_table(self, seq_len: int, head_dim: int, base: float = 10000.0,
-                      device: torch.device | str | None = None):
+    def rotary_table(self, seq_len: int, head_dim: int, base: float = 10000.0,
+                     device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16):
         device = device or self.transformer.wte.weight.device
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
         # (1, T, 1, D/2): broadcasts over batch and heads. bf16 as in the reference (fp32 q/k times
         # these promote to fp32): its logits, within fp32 reordering noise, not 5e-5 away
-        return freqs.cos().bfloat16()[None, :, None, :], freqs.sin().bfloat16()[None, :, None, :]
+        return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -239,7 +239,7 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
         # buffers are not created by to_empty() with real values; rebuild the rotary table
-        self.cos, self.sin = self._rotary_table(self.rotary_len, self.config.head_dim)
+        self.cos, self.sin = self.rotary_table(self.rotary_len, self.config.head_dim)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

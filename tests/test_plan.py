@@ -65,10 +65,10 @@ def test_reference_d20_is_at_the_edge():
 def test_a_config_that_does_not_fit_is_refused_with_the_batch_that_would():
     plan = make_plan(make_config("d26"), gpu_kind("a100-40gb"), 8, reference=True)
     message = refusal(plan)
-    assert message is not None and "pretrain step" in message and "--device-batch-size 4" in message
+    assert message is not None and "pretrain step" in message and "--device-batch-size 8" in message
     out = subprocess.run([sys.executable, "jobs/plan.py", "--preset", "d26", "--gpu", "a100-40gb", "--as-reference"],
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 1 and "--device-batch-size 4" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 1 and "--device-batch-size 8" in out.stdout, out.stdout + out.stderr
 
 
 def test_measured_configs_cover_one_and_several_head_chunks():
