@@ -111,7 +111,9 @@ def test_forced_tokens_never_get_gradient(smoke_tokenizer_dir, data_root):
     assert valid == count < sum(len(r[0]) - 1 for r in rows)
     torch.testing.assert_close(loss_sum, expected.detach(), rtol=1e-5, atol=1e-4)
     for a, b in zip(got, (p.grad for p in model.parameters())):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        # the chunked head's soft-cap and log-softmax against the full forward's: fp32 rounding
+        # leaves ~3e-6 on gradients near zero (the largest are ~1e-1)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_streamed_chunks_give_the_one_batch_gradient():
