@@ -35,6 +35,7 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from nanochat_ray.common import peak_flops
     from nanochat_ray.config import make_config
     from nanochat_ray.engine import Engine
     from nanochat_ray.evals.bpb import evaluate_bpb
@@ -57,6 +58,7 @@ def main() -> None:
             f.write("5")
 
     tokenizer = Tokenizer.train_from_iterator(iter(["a rehearsal of the engine " * 20] * 50), vocab_size=270)
+    cpu_peak = peak_flops(torch.device("cpu"), torch.float32)  # for the loop's MFU; measured before the baseline
     base = rss()
     rows_out = []
 
@@ -88,7 +90,7 @@ def main() -> None:
     for step in (1, 2):
         # step 1 also creates the optimizer state; both are predicted with it present
         phase(f"training step {step}", lambda step=step: run(cfg, model, optimizers, lambda s: (lambda: (rows, {})),
-                                                             lambda *a: None, state, step, 1.0), train.total)
+                                                             lambda *a: None, state, step, cpu_peak), train.total)
     batch = [to_batch(rng.integers(0, cfg.vocab_size, (1, cfg.seq_len + 1)), torch.device("cpu"))]
     token_bytes = torch.ones(cfg.vocab_size, dtype=torch.int64)
     model.eval()
