@@ -23,9 +23,10 @@ def test_every_torch_load_refuses_pickled_code():
     import ast
 
     unsafe = []
-    for path in sorted(ROOT.glob("**/*.py")):
-        if ".venv" in path.parts:
-            continue
+    # our own code only: virtual environments (CI's lives in the checkout) hold third-party calls
+    ours = [path for folder in ("nanochat_ray", "jobs", "serve", "bench", "tests") for path in (ROOT / folder).rglob("*.py")]
+    assert len(ours) > 50, "the scan must see the project's files"
+    for path in sorted(ours):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
