@@ -20,13 +20,14 @@ steps all failed, reports itself unhealthy, and Serve replaces it.
 """
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -241,14 +242,22 @@ async def _api_error(request: Request, error: api.ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
+@contextlib.contextmanager
+def _busy_is_429() -> Iterator[None]:
+    """Serve's BackPressureError (the model replicas' queues are full), raised by the call or while
+    awaiting it, as the 429 our own full queue gives; unhandled, Serve would answer 503."""
+    try:
+        yield
+    except BackPressureError as error:
+        raise api.ApiError(429, f"server busy: {error}", retry_after=RETRY_AFTER_S) from None
+
+
 async def _first_event(generator: DeploymentResponseGenerator, events: AsyncIterator[dict]) -> dict:
     """The model's first event from `events` (the generator's, under the request's deadline): the
     request was queued, or its 4xx/429/504 as an ApiError."""
     try:
-        first = await anext(events)
-    except BackPressureError as error:
-        generator.cancel()
-        raise api.ApiError(429, f"server busy: {error}", retry_after=RETRY_AFTER_S) from None
+        with _busy_is_429():
+            first = await anext(events)
     except api.ApiError:
         generator.cancel()
         raise
@@ -303,9 +312,14 @@ class ChatAPI:
         self.request_timeout_s = request_timeout_s
         self._info: dict | None = None
 
+    @property
+    def _replica(self) -> DeploymentHandle:
+        return self.model.options(stream=False)
+
     async def info(self) -> dict:
         if self._info is None:
-            self._info = await self.model.options(stream=False).info.remote()
+            with _busy_is_429():
+                self._info = await self._replica.info.remote()
         return self._info
 
     def _authorize(self, request: Request) -> None:
@@ -326,7 +340,7 @@ class ChatAPI:
     async def health(self) -> JSONResponse:
         """200 once a model replica answers; 503 while none does (starting, or failing to start)."""
         try:
-            info = await asyncio.wait_for(self.model.options(stream=False).info.remote(), HEALTH_TIMEOUT_S)
+            info = await asyncio.wait_for(self._replica.info.remote(), HEALTH_TIMEOUT_S)
         except Exception:  # no replica yet, or its constructor failed: Serve's reason is in its logs
             return JSONResponse({"status": "unavailable", "detail": "no model replica is serving yet"},
                                 status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -343,7 +357,8 @@ class ChatAPI:
     async def stats(self, request: Request) -> dict:
         """One model replica's queue and batch (the one the router picked)."""
         self._authorize(request)
-        return await self.model.options(stream=False).stats.remote()
+        with _busy_is_429():
+            return await self._replica.stats.remote()
 
     # --- chat
 
@@ -356,8 +371,9 @@ class ChatAPI:
         self._authorize(request)
         chat = api.parse_chat_request(await api.read_body(request.stream(), request.headers))
         top = (chat.top_logprobs or 0) if chat.logprobs else None
-        generator = self.model.generate.remote(chat.conversation(), chat.token_budget(), chat.temperature,
-                                               chat.top_k, chat.seed, chat.stop_strings(), chat.n, chat.top_p, top)
+        with _busy_is_429():
+            generator = self.model.generate.remote(chat.conversation(), chat.token_budget(), chat.temperature,
+                                                   chat.top_k, chat.seed, chat.stop_strings(), chat.n, chat.top_p, top)
         events = api.within(generator, self.request_timeout_s)
         return chat, generator, events, (await _first_event(generator, events))["prompt_tokens"]
 
@@ -398,11 +414,14 @@ class ChatAPI:
         body = parse_completion_request(await api.read_body(request.stream(), request.headers))
         prompts = body.prompts()
         seed = random.getrandbits(62) if body.seed is None else body.seed
-        generators = [self.model.complete.remote(p, body.max_tokens, body.temperature, body.top_k, seed + k * body.n,
-                                                 body.stop_strings(), body.n, body.top_p, body.logprobs, body.echo)
-                      for k, p in enumerate(prompts)]
-        runs = [(generator, api.within(generator, self.request_timeout_s)) for generator in generators]
+        generators = []
         try:
+            with _busy_is_429():
+                for k, p in enumerate(prompts):
+                    generators.append(self.model.complete.remote(
+                        p, body.max_tokens, body.temperature, body.top_k, seed + k * body.n, body.stop_strings(),
+                        body.n, body.top_p, body.logprobs, body.echo))
+            runs = [(generator, api.within(generator, self.request_timeout_s)) for generator in generators]
             firsts = [await _first_event(*run) for run in runs]  # every error before any answer
         except BaseException:
             for generator in generators:
@@ -496,8 +515,10 @@ def build_app(args: dict | AppArgs) -> serve.Application:
         num_replicas=args.num_replicas,
         # our own queue answers 429 when full, so Serve must let that many requests in
         max_ongoing_requests=args.max_batch + args.max_queue + 8,
-        # Serve's router queue: requests being assigned count too, so leave room beyond ours
-        max_queued_requests=args.max_batch + args.max_queue,
+        # Serve's router queue only bounds a burst that is still being assigned to replicas (a burst
+        # of 16 against 6 places filled it and got Serve's 503s): our own queue is the admission
+        # control, so the router's is a wide safety net
+        max_queued_requests=2 * (args.max_batch + args.max_queue) + 16,
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
     ).bind(args)
     return ChatAPI.bind(model, api_key, args.request_timeout_s)

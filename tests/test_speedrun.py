@@ -171,7 +171,10 @@ def job_client(tmp_path_factory):
                                             "object-manager-port", "dashboard-agent-grpc-port",
                                             "dashboard-agent-listen-port", "metrics-export-port",
                                             "runtime-env-agent-port")}
-    worker_ports = free_port() % 20000 + 30000  # a 200-port range somewhere in 30000-50200
+    while True:  # a 200-port range somewhere in 30000-50200 that holds none of the ports above
+        worker_ports = free_port() % 20000 + 30000
+        if not any(worker_ports <= port <= worker_ports + 200 for port in ports.values()):
+            break
     command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus", "2",
                "--temp-dir", str(temp_dir), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                "--disable-usage-stats", "--min-worker-port", str(worker_ports),
