@@ -573,6 +573,7 @@ def test_web_page_streams_a_multi_turn_chat_in_a_real_browser(server):
     if browser is None:
         print(f"SKIP browser test: {reason}")
         pytest.skip(reason)
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -581,7 +582,10 @@ def test_web_page_streams_a_multi_turn_chat_in_a_real_browser(server):
         browser.execute_script(f"localStorage.setItem('nanochat_api_key', '{API_KEY}')")
         browser.get(server["url"] + "/")
         wait = WebDriverWait(browser, 30, poll_frequency=0.05)
-        wait.until(lambda b: b.find_element(By.ID, "model").text.startswith("nanochat-sft-d2"))
+        # right after the reload a lookup can land while the page is still navigating ("aborted by
+        # navigation", seen once in CI): retry those until the page shows the model
+        WebDriverWait(browser, 30, poll_frequency=0.05, ignored_exceptions=(WebDriverException,)).until(
+            lambda b: b.find_element(By.ID, "model").text.startswith("nanochat-sft-d2"))
         # record every length the answer bubble takes, to see it grow while the stream runs
         browser.execute_script("""
             window.lengths = [];
