@@ -1,22 +1,29 @@
 """Tokenizer benchmark against SPEC §14: training time and compression (UTF-8 bytes per token).
 
 Trains the 65,536-token vocabulary on every pretrain_text shard but the last (docs cut to
-10,000 chars), then measures bytes/token on the last (validation) shard, on a training slice
-and on a few fixed sample texts. GPT-2 / GPT-4 columns appear only when tiktoken is installed
-and has its encodings cached; it is not a dependency.
+10,000 chars) two ways, alternating, on the same texts in memory: ours (`Tokenizer.train_from_iterator`,
+down to the `tokenizers` encoder) and the reference's (rustbpe with the reference's split pattern,
+down to its token → rank table; the reference then builds a tiktoken encoder, not timed here).
+Prints the CPU, each run's wall and CPU seconds, the medians and their ratio; then bytes/token on
+the last (validation) shard for both, and ours on a training slice and a few fixed sample texts.
+GPT-2 / GPT-4 columns appear only when tiktoken is installed and has its encodings cached; it is
+not a dependency.
 
-    python bench/tokenizer.py [--data-root ../shared/data] [--repeats 3]
+    python bench/tokenizer.py [--data-root ../shared/data] [--repeats 5]
 """
 
 import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import rustbpe
 
-from nanochat_ray.tokenizer import Tokenizer
+from nanochat_ray.report import hardware
+from nanochat_ray.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 SPEC_SECONDS, SPEC_BYTES_PER_TOKEN = 1.6, 4.68  # the reference's figures, SPEC §14
 
@@ -78,6 +85,21 @@ def reference_encoders() -> dict:
     return encoders
 
 
+def reference_training(texts: list[str], vocab_size: int, doc_cap: int) -> rustbpe.Tokenizer:
+    """What the reference's tok_train.py times, minus the tiktoken encoder: rustbpe on the capped docs."""
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator((t[:doc_cap] for t in texts), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    {bytes(b): rank for b, rank in trainer.get_mergeable_ranks()}  # the reference's ranks table
+    return trainer
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float, float]:
+    """fn's result, wall seconds and CPU seconds of this process (all threads)."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
 def main() -> None:
     # the datasets sit beside the repository (../shared/data); NANOCHAT_DATA moves them
     repo_root = Path(__file__).resolve().parents[1]
@@ -86,7 +108,7 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=default_root)
     parser.add_argument("--vocab-size", type=int, default=65_536)
     parser.add_argument("--doc-cap", type=int, default=10_000)
-    parser.add_argument("--repeats", type=int, default=3, help="training runs; the median time is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="training runs of each; medians are reported")
     args = parser.parse_args()
 
     shards = sorted((args.data_root / "pretrain_text").glob("shard_*.parquet"))
@@ -97,22 +119,34 @@ def main() -> None:
     print(f"train: {len(shards) - 1} shards, {len(train_texts):,} docs, {sum(map(len, train_texts)):,} chars")
     print(f"val:   {shards[-1].name}, {len(val_texts):,} docs, {sum(map(len, val_texts)):,} chars")
 
-    seconds = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        tok = Tokenizer.train_from_iterator(train_texts, args.vocab_size, doc_cap=args.doc_cap)
-        seconds.append(time.perf_counter() - t0)
-    train_s = statistics.median(seconds)
-    print(f"training, vocab {tok.vocab_size:,}: median {train_s:.2f} s over {args.repeats} runs "
-          f"({', '.join(f'{s:.2f}' for s in seconds)}); SPEC §14 reference ~{SPEC_SECONDS} s")
+    print(f"machine: {hardware()}; load average {os.getloadavg()[0]:.1f} (a loaded machine blurs wall times: "
+          "compare the ratio, and CPU seconds)")
+    runs = {"ours": [], "rustbpe": []}
+    for i in range(args.repeats):
+        order = ["ours", "rustbpe"] if i % 2 == 0 else ["rustbpe", "ours"]  # alternate, so drift hits both
+        for name in order:
+            if name == "ours":
+                tok, wall, cpu = timed(lambda: Tokenizer.train_from_iterator(train_texts, args.vocab_size,
+                                                                             doc_cap=args.doc_cap))
+            else:
+                ref, wall, cpu = timed(lambda: reference_training(train_texts, args.vocab_size, args.doc_cap))
+            runs[name].append((wall, cpu))
+            print(f"  run {i + 1} {name:<8} {wall:6.2f} s wall {cpu:6.2f} s CPU", flush=True)
+    medians = {name: [statistics.median(r[k] for r in rows) for k in (0, 1)] for name, rows in runs.items()}
+    print(f"\ntraining, vocab {tok.vocab_size:,}, median of {args.repeats} runs (SPEC §14 reference ~{SPEC_SECONDS} s):")
+    print(f"  {'':<8} {'wall':>8} {'CPU':>8}")
+    for name, (wall, cpu) in medians.items():
+        print(f"  {name:<8} {wall:7.2f}s {cpu:7.2f}s")
+    (ours_wall, ours_cpu), (ref_wall, ref_cpu) = medians["ours"], medians["rustbpe"]
+    print(f"  rustbpe / ours: {ref_wall / ours_wall:.2f}x wall, {ref_cpu / ours_cpu:.2f}x CPU (above 1: ours is faster)")
 
     t0 = time.perf_counter()
     val_ratio = bytes_per_token(val_texts, tok.encode)
     encode_s = time.perf_counter() - t0
+    ref_ratio = bytes_per_token(val_texts, ref.batch_encode)
     val_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
-    print(f"compression on {shards[-1].name}: {val_ratio:.3f} bytes/token "
-          f"({100 * (val_ratio / SPEC_BYTES_PER_TOKEN - 1):+.2f}% vs reference {SPEC_BYTES_PER_TOKEN}); "
-          f"encoded {val_bytes / encode_s / 1e6:.1f} MB/s")
+    print(f"compression on {shards[-1].name}: ours {val_ratio:.3f} bytes/token, rustbpe's own encoder "
+          f"{ref_ratio:.3f} (SPEC §14 reference {SPEC_BYTES_PER_TOKEN}); ours encoded {val_bytes / encode_s / 1e6:.1f} MB/s")
 
     # compression table: our tokenizer, and the references where available
     others = reference_encoders()

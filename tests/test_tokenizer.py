@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanochat_ray.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat_ray.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, TRAIN_SPLIT_PATTERN, Tokenizer
 
 VOCAB = 1024  # the smoke tokenizer of conftest.py, trained on shard 0 text
 
@@ -31,6 +31,7 @@ def test_special_token_ids(tok):
     assert [tok.encode_special(name) for name in SPECIAL_TOKENS] == list(range(9))
     assert tok.bos_token_id == tok.encode_special("<|bos|>") == 0
     assert [tok.id_to_token(i) for i in range(9)] == SPECIAL_TOKENS
+    assert [tok.id_to_token(9 + b) for b in (0, ord(" "), ord("A"), 0xFF)] == ["Ā", "Ġ", "A", "ÿ"]  # bytes in order
     with pytest.raises(KeyError, match="not a special token"):
         tok.encode_special("hello")
 
@@ -47,6 +48,44 @@ def test_doc_cap_and_max_chars():
 def test_too_little_text_for_the_vocab():
     with pytest.raises(ValueError, match="lower vocab_size"):
         Tokenizer.train_from_iterator(["ab ab ab"], 1000)
+    with pytest.raises(ValueError, match="vocab_size must be at least 265"):
+        Tokenizer.train_from_iterator(["ab ab ab"], 264)
+
+
+TRICKY = "aZé9² '\"sdmtlvrSDMTLVRſ \t\n\r\u00a0\u3000.,!-—()$١"  # the split's letter/number/space edge cases
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.text(alphabet=TRICKY, max_size=30)))
+def test_training_split_pattern_splits_like_the_encoders(text):
+    """The trainer counts chunks with TRAIN_SPLIT_PATTERN; the encoder splits with SPLIT_PATTERN."""
+    def split(pattern):
+        return tokenizers.pre_tokenizers.Split(tokenizers.Regex(pattern), "isolated").pre_tokenize_str(text)
+    assert split(TRAIN_SPLIT_PATTERN) == split(SPLIT_PATTERN)
+
+
+def test_encoding_merges_the_lowest_ranked_pair_first(tok, smoke_tokenizer_dir, data_root):
+    """The trainer reports ranks, not merge pairs: the encoder must merge as tiktoken does with them.
+
+    Reference: in each chunk, repeatedly join the adjacent pair whose concatenation is the
+    lowest-ranked token (the leftmost on a tie), until no adjacent pair forms a token.
+    """
+    import pyarrow.parquet as pq
+
+    text = "".join(pq.read_table(data_root / "pretrain_text" / "shard_00004.parquet").column("text")
+                   .to_pylist()[:3])[:30_000] + TRICKY
+    rank = {token: i for token, i in tok.hf.get_vocab().items() if i >= len(SPECIAL_TOKENS)}
+    expected = []
+    for chunk, _ in tok.hf.pre_tokenizer.pre_tokenize_str(text):
+        parts = list(chunk)
+        while True:
+            joins = [(rank[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if a + b in rank]
+            if not joins:
+                break
+            _, i = min(joins)
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        expected += [rank[p] for p in parts]
+    assert tok.encode(text) == expected
 
 
 def test_save_load_round_trip(tok, tmp_path):
