@@ -3,13 +3,14 @@
 Trains the 65,536-token vocabulary on every pretrain_text shard but the last (docs cut to
 10,000 chars) two ways, alternating, on the same texts in memory: ours (`Tokenizer.train_from_iterator`,
 down to the `tokenizers` encoder) and the reference's (rustbpe with the reference's split pattern,
-down to its token → rank table; the reference then builds a tiktoken encoder, not timed here).
+down to its token → rank table; the reference then builds a tiktoken encoder, timed apart when
+tiktoken is installed).
 Prints the CPU, each run's wall and CPU seconds, the medians and their ratio; then bytes/token on
 the last (validation) shard for both, and ours on a training slice and a few fixed sample texts.
 GPT-2 / GPT-4 columns appear only when tiktoken is installed and has its encodings cached; it is
 not a dependency.
 
-    python bench/tokenizer.py [--data-root ../shared/data] [--repeats 5]
+    python bench/tokenizer.py [--data-root ../shared/data] [--repeats 5] [--copies 1]
 """
 
 import argparse
@@ -109,6 +110,9 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=65_536)
     parser.add_argument("--doc-cap", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=5, help="training runs of each; medians are reported")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="train on the shards' text this many times over: a larger run's share of text "
+                             "splitting (grows with the text) against the merge loop (grows with distinct chunks)")
     args = parser.parse_args()
 
     shards = sorted((args.data_root / "pretrain_text").glob("shard_*.parquet"))
@@ -116,7 +120,9 @@ def main() -> None:
         raise SystemExit(f"need at least 2 shards under {args.data_root / 'pretrain_text'}, found {len(shards)}")
     train_texts = [t for s in shards[:-1] for t in pq.read_table(s, columns=["text"]).column("text").to_pylist()]
     val_texts = pq.read_table(shards[-1], columns=["text"]).column("text").to_pylist()
-    print(f"train: {len(shards) - 1} shards, {len(train_texts):,} docs, {sum(map(len, train_texts)):,} chars")
+    train_texts *= args.copies
+    print(f"train: {len(shards) - 1} shards" + (f" × {args.copies}" if args.copies > 1 else "") +
+          f", {len(train_texts):,} docs, {sum(map(len, train_texts)):,} chars")
     print(f"val:   {shards[-1].name}, {len(val_texts):,} docs, {sum(map(len, val_texts)):,} chars")
 
     print(f"machine: {hardware()}; load average {os.getloadavg()[0]:.1f} (a loaded machine blurs wall times: "
@@ -139,6 +145,17 @@ def main() -> None:
         print(f"  {name:<8} {wall:7.2f}s {cpu:7.2f}s")
     (ours_wall, ours_cpu), (ref_wall, ref_cpu) = medians["ours"], medians["rustbpe"]
     print(f"  rustbpe / ours: {ref_wall / ours_wall:.2f}x wall, {ref_cpu / ours_cpu:.2f}x CPU (above 1: ours is faster)")
+    try:  # the reference's train_from_iterator also builds its tiktoken encoder from the ranks
+        import tiktoken
+        ranks = {bytes(b): rank for b, rank in ref.get_mergeable_ranks()}
+        specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        builds = [timed(lambda: tiktoken.Encoding("ref", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
+                                                  special_tokens=specials))[1] for _ in range(3)]
+        print(f"  the reference then builds a tiktoken encoder: +{statistics.median(builds):.2f} s wall "
+              "(not in its column above)")
+    except ImportError:
+        print("  (tiktoken is not installed: the reference's tiktoken encoder build, which follows its "
+              "training, is not timed)")
 
     t0 = time.perf_counter()
     val_ratio = bytes_per_token(val_texts, tok.encode)
@@ -158,7 +175,7 @@ def main() -> None:
         cells = [bytes_per_token(texts, tok.encode)] + [bytes_per_token(texts, enc) for enc in others.values()]
         print(f"{name:<12} {n_bytes:>10,}" + "".join(f" {c:>7.2f}" for c in cells))
     if not others:
-        print("(GPT-2 / GPT-4 columns skipped: tiktoken is not installed)")
+        print("(GPT-2 / GPT-4 columns skipped: tiktoken is not installed, or its encodings are not cached)")
 
 
 if __name__ == "__main__":
