@@ -161,19 +161,19 @@ class Tokenizer:
 
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(capped(), vocab_size - len(SPECIAL_TOKENS), pattern=TRAIN_SPLIT_PATTERN)
-        ranks = trainer.get_mergeable_ranks()  # (bytes as a list of ints, rank), ranks 0, 1, 2, ...
-        if len(SPECIAL_TOKENS) + len(ranks) != vocab_size:
-            raise ValueError(
-                f"trained vocabulary has {len(SPECIAL_TOKENS) + len(ranks)} tokens, asked for {vocab_size}: "
-                "the text has too few distinct merges; train on more text or lower vocab_size"
-            )
-        token_bytes = [bytes(b) for b, _ in ranks]
+        # (bytes as a list of ints, rank) for ranks 0, 1, 2, ...: the 256 bytes, then the merges
+        token_bytes = [bytes(b) for b, _ in trainer.get_mergeable_ranks()]
         names = [b.decode("latin-1").translate(_BYTES_TO_CHARS) for b in token_bytes]
-        vocab = dict(zip(SPECIAL_TOKENS + names, range(vocab_size)))
+        vocab = dict(zip(SPECIAL_TOKENS + names, range(len(SPECIAL_TOKENS) + len(names))))
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=_merge_rules(token_bytes, names), byte_fallback=False))
         hf.pre_tokenizer = _pre_tokenizer()  # no normalizer: bytes in == bytes out
         hf.decoder = decoders.ByteLevel()
         hf.add_special_tokens(SPECIAL_TOKENS)  # already in the vocabulary: marks them special
+        if hf.get_vocab_size() != vocab_size:
+            raise ValueError(
+                f"trained vocabulary has {hf.get_vocab_size()} tokens, asked for {vocab_size}: "
+                "the text has too few distinct merges; train on more text or lower vocab_size"
+            )
         # special tokens count 0 bytes: they stand for no text (bits-per-byte must not credit them)
         lengths = [0] * len(SPECIAL_TOKENS) + [len(b) for b in token_bytes]
         return cls(hf, torch.tensor(lengths, dtype=torch.int32))
