@@ -259,4 +259,4 @@ def import_hf(directory: str | Path, device: str | torch.device = "cpu") -> tupl
     missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
     if missing:
         raise ExportError(f"{directory / TOKENIZER_FILE} lacks our special tokens {missing}")
-    return model, Tokenizer(hf, Tokenizer._byte_lengths(hf))
+    return model, Tokenizer(hf, Tokenizer._byte_lengths(hf.get_vocab()))

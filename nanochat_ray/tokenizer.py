@@ -174,9 +174,17 @@ class Tokenizer:
                 f"trained vocabulary has {hf.get_vocab_size()} tokens, asked for {vocab_size}: "
                 "the text has too few distinct merges; train on more text or lower vocab_size"
             )
-        # special tokens count 0 bytes: they stand for no text (bits-per-byte must not credit them)
-        lengths = [0] * len(SPECIAL_TOKENS) + [len(b) for b in token_bytes]
-        return cls(hf, torch.tensor(lengths, dtype=torch.int32))
+        return cls(hf, cls._byte_lengths(vocab))
+
+    @staticmethod
+    def _byte_lengths(vocab: dict[str, int]) -> torch.Tensor:
+        """The token_bytes() table from a byte-level vocabulary (token string → id)."""
+        # every char of a byte-level token stands for exactly one byte; special tokens count 0
+        # because they stand for no text (bits-per-byte must not credit them)
+        lengths = [0] * len(vocab)
+        for token, i in vocab.items():
+            lengths[i] = 0 if token in SPECIAL_TOKENS else len(token)
+        return torch.tensor(lengths, dtype=torch.int32)
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json and token_bytes.pt into `directory`, each atomically."""
