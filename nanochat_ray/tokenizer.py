@@ -66,8 +66,7 @@ def _byte_chars() -> list[str]:
     return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
-BYTE_CHARS = _byte_chars()
-_BYTES_TO_CHARS = dict(enumerate(BYTE_CHARS))  # str.translate table over latin-1-decoded bytes
+_BYTES_TO_CHARS = dict(enumerate(_byte_chars()))  # str.translate table over latin-1-decoded bytes
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
