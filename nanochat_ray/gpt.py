@@ -358,6 +358,7 @@ def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if with_grads else hidden.new_empty(0)
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else weight.new_empty(0)
+    weight = weight.to(hidden.dtype)  # the compute dtype (autocast's); the gradient stays fp32
     for i in range(0, n, chunk_rows):
         rows = slice(i, i + chunk_rows)
         h, t = hidden[rows], targets[rows]
@@ -378,6 +379,7 @@ def _head_loss_backward(grad_losses: torch.Tensor, hidden: torch.Tensor, weight:
     buffer at a time."""
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in fp32
+    weight_dtype, weight = weight.dtype, weight.to(hidden.dtype)
     for i in range(0, hidden.size(0), chunk_rows):
         rows = slice(i, i + chunk_rows)
         h, t = hidden[rows], targets[rows]
@@ -387,7 +389,7 @@ def _head_loss_backward(grad_losses: torch.Tensor, hidden: torch.Tensor, weight:
         grad = grad.mul_(grad_losses[rows, None]).to(hidden.dtype)
         grad_hidden[rows] = grad @ weight
         grad_weight += (grad.t() @ h).float()
-    return grad_hidden, grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight.to(weight_dtype)
 
 
 @_head_loss.register_fake
@@ -432,14 +434,15 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
     hidden (..., C), targets (...); reduction "none" gives losses shaped like targets (0 where
     ignored), "sum" their sum, "mean" the sum over the counted targets. Under autocast the
-    matmuls run in its dtype, as nn.Linear's would.
+    matmuls run in its dtype, as nn.Linear's would; the weight is cast inside the op, so its gradient,
+    summed in fp32, reaches an fp32 weight without a round trip through bf16.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        hidden = hidden.to(dtype)
     # the forward computes the gradients when they will be needed and every row weighs the same
     with_grads = reduction != "none" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     losses = _head_loss(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_rows, with_grads)[0]
