@@ -88,7 +88,7 @@ def main() -> None:
             rates[name].append(tokens * args.steps / (time.perf_counter() - start))
             cpu_seconds[name].append((time.process_time() - cpu_start) / args.steps)
 
-    peaks = {name: matmul_peak(device, DTYPES[name.split(":")[1]]) for name in {n.split(":")[1] for n in steps}}
+    peaks = {d: matmul_peak(device, DTYPES[d]) for d in {n.split(":")[1] for n in steps}}
     print(f"\nmodel depth {args.depth}: {model.num_params():,} params, {flops_per_token / 1e6:.1f} MFLOP/token, "
           f"batch {args.batch} × {args.seq_len}; median of {args.rounds} rounds × {args.steps} steps")
     # on a loaded machine wall time is set by the others; CPU seconds per step still compare configurations
