@@ -5,6 +5,7 @@ nanochat ran on a 2-core machine, then a short midtraining + SFT chain with its 
     python bench/quality.py                                   # everything, in a temp dir
     python bench/quality.py --keep /tmp/q                     # keep the artifacts (tokenizer, checkpoints)
     python bench/quality.py --reuse-base /tmp/q --work /tmp/q2  # the chain again from a kept base checkpoint
+    python bench/quality.py --skip-chain --dtype float32; ... --dtype bfloat16  # bf16 within 0.01 bpb of fp32
 
 Pretraining: depth 4 (the cpu preset), 1 × 1,024 tokens per step, 300 steps on the mirror's
 pretrain_text shards, val bpb over the first 65,536 tokens of the val shard (the last shard).
@@ -49,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reuse-base", type=Path, default=None,
                         help="a work dir of an earlier run: copy its tokenizer and base checkpoint, skip pretraining")
     parser.add_argument("--skip-chain", action="store_true", help="pretraining only")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="compute dtype of every stage (auto: bf16 on CPUs with native bf16, else fp32)")
     return parser.parse_args()
 
 
@@ -61,8 +64,8 @@ def main() -> dict:
 
     data = ["--data-root", args.data_root]
     train = data + ["--preset", "cpu", "--cpus-per-worker", str(args.cpus), "--core-every", "-1",
-                    "--sample-every", "-1", "--eval-tokens", "65536"]
-    figures: dict = {"work": str(work)}
+                    "--sample-every", "-1", "--eval-tokens", "65536", "--dtype", args.dtype]
+    figures: dict = {"work": str(work), "dtype": args.dtype}
     if args.reuse_base:
         from nanochat_ray.checkpoint import checkpoint_dir, load_checkpoint
         for name in ("tokenizer", "checkpoints/base"):

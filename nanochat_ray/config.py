@@ -68,7 +68,7 @@ class Config:
     # --- runtime
     seed: int = 42
     run: str = "dummy"  # wandb run name; "dummy" = no wandb
-    dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or float32 / bfloat16
+    dtype: str = "auto"  # auto = bf16 autocast on CUDA and CPUs with native bf16 (common.native_bf16), else fp32; or float32 / bfloat16
     compile: str = "auto"  # auto = torch.compile on CUDA only; or on / off
 
     # --- derived quantities -------------------------------------------------
@@ -127,7 +127,8 @@ PRESETS: dict[str, dict] = {
     # seconds on a CPU: the tests' preset
     "smoke": dict(depth=2, seq_len=64, vocab_size=1024, device_batch_size=2, total_batch_size=256,
                   num_iterations=8, eval_every=4, eval_tokens=2048, core_every=-1, core_max_per_task=8,
-                  sample_every=-1, save_every=4, tokenizer_max_chars=2_000_000),
+                  sample_every=-1, save_every=4, tokenizer_max_chars=2_000_000,
+                  dtype="float32"),  # fp32 on every CPU: the tests' tolerances must not depend on the machine
     # SPEC §14: what a laptop or CI can run; proves the plumbing, not the quality
     "cpu": dict(depth=4, seq_len=1024, device_batch_size=1, total_batch_size=1024, num_iterations=50,
                 eval_every=25, eval_tokens=16 * 1024, core_every=-1, core_max_per_task=12,

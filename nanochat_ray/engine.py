@@ -99,15 +99,20 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_rows: int, seq_len: int = 256):
-        """Build inside the autocast context the steps will run in: the KV cache takes its dtype."""
+        """Build inside the autocast context the steps will run in: the KV cache and the lm_head
+        take its dtype. With bf16 autocast over fp32 weights the lm_head is cast here, once, so
+        the batch decodes with the head it was built with (build a new one after loading weights)."""
         self.model, self.tokenizer = model, tokenizer
         c = model.config
         weight = model.lm_head.weight
         device = weight.device
-        # keys and values in the compute dtype: autocast's when it is on here (bf16 on GPU, half
-        # the cache of fp32), else the weights'
+        # keys and values in the compute dtype: autocast's when it is on here (bf16 on GPU and on
+        # CPUs with native bf16, half the cache of fp32), else the weights'
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
         self.cache = KVCache(max_rows, c.n_kv_head, c.head_dim, c.n_layer, seq_len, device, dtype)
+        # the lm_head is most of a decode step's weights: autocast would cast all of it every step,
+        # which costs more than its bf16 matmul saves (the same tensor when the dtypes agree)
+        self.head_weight = weight.to(dtype)
         self.rows: list[_Row] = []
         # per-row settings, indexed like the cache; rows [len(self.rows), max_rows) are free
         self.inputs = torch.zeros(max_rows, dtype=torch.long, device=device)  # token fed in next step
@@ -169,7 +174,8 @@ class DecodeBatch:
         n = len(self.rows)
         if n == 0:
             return {}
-        logits = self.model(self.inputs[:n, None], kv_cache=self.cache)[:, 0]  # (n, vocab)
+        hidden = self.model.hidden_states(self.inputs[:n, None], kv_cache=self.cache)[:, 0]
+        logits = self.model.logits(hidden, self.head_weight)  # (n, vocab) fp32
         sampled = sample_next_token(logits, self.temperature[:n], self.top_k[:n], self._uniforms(),
                                     self.top_p[:n]).tolist()
         tokens, out = [], {}

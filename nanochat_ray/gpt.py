@@ -285,10 +285,11 @@ class GPT(nn.Module):
         loss = head_loss(x, self.lm_head.weight, targets, loss_reduction)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (..., n_embd) → soft-capped fp32 logits (..., vocab): the one logits path
-        outside the loss (the engine's decode steps, the evals' chosen positions)."""
-        return head_logits(hidden, self.lm_head.weight)
+        outside the loss (the engine's decode steps, the evals' chosen positions). `weight`: the
+        lm_head already in the compute dtype (the engine's copy), instead of autocast casting it."""
+        return head_logits(hidden, self.lm_head.weight if weight is None else weight)
 
 
 # -----------------------------------------------------------------------------
@@ -318,53 +319,85 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # forward's (common-subexpression elimination) and save every chunk's logits for the backward,
 # which is the whole (B·T, vocab) tensor again. An op's inside is opaque to the compiler, so the
 # compiled step saves what setup_context saves and no more. (Inside, the chunks run eagerly.)
+#
+# Two ways to the gradient. A mean or sum loss (training) scales every row's loss alike, so its
+# forward computes the gradients for a unit scale while each chunk's logits are at hand and saves
+# those (the size of the hidden states and of lm_head); its backward only scales them. This skips the
+# backward's recomputation of the logits: a quarter of the head's matmuls and half its passes over
+# (rows, vocab). Per-row losses ("none": bpb, RL's advantage-weighted loss) get any weight per row, so
+# their forward saves one log-sum-exp per row and the backward recomputes each chunk's logits.
+
+
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One chunk of rows: (soft-capped fp32 logits, exp of them, log-sum-exp, losses, 0 where t < 0)."""
+    capped = head_logits(h, weight)  # (rows, V) fp32, in (−SOFTCAP, SOFTCAP)
+    # each exp is below e^SOFTCAP, so their sum cannot overflow: no pass for the row maximum
+    exp = capped.exp()
+    lse = exp.sum(dim=-1).log_()
+    picked = capped.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+    return capped, exp, lse, torch.where(t >= 0, lse - picked, 0.0)
+
+
+def _logits_grad(capped: torch.Tensor, probs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """d loss / d (hidden @ weight.T) of a chunk for a unit weight per row, 0 where t < 0, built in
+    probs' storage (softmax of the capped logits); overwrites capped."""
+    # d loss / d capped = softmax − one_hot(target)
+    probs.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(probs[:, :1], -1.0))
+    # through the soft-cap: d capped / d z = 1 − (capped / SOFTCAP)², one fused multiply-add
+    grad = probs.addcmul_(probs, capped.square_(), value=-1 / SOFTCAP**2)
+    return grad.index_fill_(0, (t < 0).nonzero().squeeze(1), 0.0)
 
 
 @torch.library.custom_op("nanochat::head_loss", mutates_args=())
-def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-               chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row cross-entropy of softcap(hidden @ weight.T) (0 where target < 0), and each row's
-    log-sum-exp, the one thing the backward keeps besides its inputs."""
+def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+               with_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy of softcap(hidden @ weight.T) (0 where target < 0), each row's
+    log-sum-exp, and with_grads: the gradients wrt hidden and weight of the losses' sum (else empty)."""
     n = hidden.size(0)
     losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if with_grads else hidden.new_empty(0)
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else weight.new_empty(0)
+    weight = weight.to(hidden.dtype)  # the compute dtype (autocast's); the gradient stays fp32
     for i in range(0, n, chunk_rows):
         rows = slice(i, i + chunk_rows)
-        logits = head_logits(hidden[rows], weight)  # (rows, V) fp32, the only one alive
-        t = targets[rows]
-        lse[rows] = torch.logsumexp(logits, dim=-1)
-        picked = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
-        losses[rows] = torch.where(t >= 0, lse[rows] - picked, 0.0)
-    return losses, lse
+        h, t = hidden[rows], targets[rows]
+        capped, exp, lse[rows], losses[rows] = _chunk_loss(h, weight, t)
+        if with_grads:
+            grad = _logits_grad(capped, exp.div_(exp.sum(dim=-1, keepdim=True)), t).to(hidden.dtype)
+            del capped, exp
+            grad_hidden[rows] = grad @ weight
+            grad_weight += (grad.t() @ h).float()  # summed over chunks in fp32
+    return losses, lse, grad_hidden, grad_weight
 
 
 @torch.library.custom_op("nanochat::head_loss_backward", mutates_args=())
 def _head_loss_backward(grad_losses: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         lse: torch.Tensor, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients wrt hidden and weight, recomputing each chunk's logits and turning them into that
-    chunk's gradient in place: one (rows, V) logits buffer and one gradient buffer at a time."""
+    """Gradients wrt hidden and weight for any weight per row, recomputing each chunk's logits and
+    turning them into that chunk's gradient in place: one (rows, V) logits buffer and one gradient
+    buffer at a time."""
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in fp32
+    weight_dtype, weight = weight.dtype, weight.to(hidden.dtype)
     for i in range(0, hidden.size(0), chunk_rows):
         rows = slice(i, i + chunk_rows)
         h, t = hidden[rows], targets[rows]
         capped = head_logits(h, weight)  # (rows, V)
-        # d loss / d capped = softmax − one_hot(target), times the incoming gradient (0 if ignored)
-        grad = (capped - lse[rows, None]).exp_()
-        grad.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(lse[rows, None], -1.0))
-        grad.mul_(torch.where(t >= 0, grad_losses[rows], 0.0)[:, None])
-        # through the soft-cap: d capped / d z = 1 − (capped / SOFTCAP)²
-        grad = grad.mul_(capped.div_(SOFTCAP).square_().neg_().add_(1)).to(hidden.dtype)
+        grad = _logits_grad(capped, torch.sub(capped, lse[rows, None]).exp_(), t)
         del capped
+        grad = grad.mul_(grad_losses[rows, None]).to(hidden.dtype)
         grad_hidden[rows] = grad @ weight
         grad_weight += (grad.t() @ h).float()
-    return grad_hidden, grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight.to(weight_dtype)
 
 
 @_head_loss.register_fake
-def _(hidden, weight, targets, chunk_rows):
+def _(hidden, weight, targets, chunk_rows, with_grads):
     n = hidden.size(0)
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+    grads = ((torch.empty_like(hidden), torch.empty_like(weight, dtype=torch.float32)) if with_grads
+             else (hidden.new_empty(0), weight.new_empty(0)))
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32), *grads
 
 
 @_head_loss_backward.register_fake
@@ -373,16 +406,22 @@ def _(grad_losses, hidden, weight, targets, lse, chunk_rows):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, targets, chunk_rows = inputs
-    ctx.save_for_backward(hidden, weight, targets, output[1])
-    ctx.chunk_rows = chunk_rows
+    hidden, weight, targets, chunk_rows, with_grads = inputs
+    ctx.with_grads, ctx.chunk_rows, ctx.weight_dtype = with_grads, chunk_rows, weight.dtype
+    ctx.save_for_backward(*(output[2:] if with_grads else (hidden, weight, targets, output[1])))
 
 
-def _backward(ctx, grad_losses: torch.Tensor, _grad_lse):
+def _backward(ctx, grad_losses: torch.Tensor, _grad_lse, _grad_hidden, _grad_weight):
+    if ctx.with_grads:
+        # head_loss asks for the gradients only for a sum or mean of the losses, whose gradient is
+        # the same for every row: the one scale of the forward's gradients
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_losses[0]
+        return grad_hidden * scale, (grad_weight * scale).to(ctx.weight_dtype), None, None, None
     hidden, weight, targets, lse = ctx.saved_tensors
     grad_hidden, grad_weight = _head_loss_backward(grad_losses.contiguous(), hidden, weight, targets, lse,
                                                    ctx.chunk_rows)
-    return grad_hidden, grad_weight, None, None
+    return grad_hidden, grad_weight, None, None, None
 
 
 _head_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -395,15 +434,18 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
     hidden (..., C), targets (...); reduction "none" gives losses shaped like targets (0 where
     ignored), "sum" their sum, "mean" the sum over the counted targets. Under autocast the
-    matmuls run in its dtype, as nn.Linear's would.
+    matmuls run in its dtype, as nn.Linear's would; the weight is cast inside the op, so its gradient,
+    summed in fp32, reaches an fp32 weight without a round trip through bf16.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    losses, _ = _head_loss(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_rows)
+        hidden = hidden.to(dtype)
+    # the forward computes the gradients when they will be needed and every row weighs the same
+    with_grads = reduction != "none" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    losses = _head_loss(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_rows, with_grads)[0]
     if reduction == "none":
         return losses.view(targets.shape)
     if reduction == "sum":

@@ -219,7 +219,8 @@ class DistAdamW(ShardedOptimizer):
         bias1 = 1 - beta1 ** state["step"]
         bias2 = 1 - beta2 ** state["step"]
         denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-        piece.mul_(1 - group["lr"] * group["weight_decay"])
+        if group["weight_decay"]:  # a pass over the parameter saved when it is 0 (the default)
+            piece.mul_(1 - group["lr"] * group["weight_decay"])
         piece.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
 
 

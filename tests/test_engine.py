@@ -112,6 +112,20 @@ def test_greedy_with_cache_equals_recomputing_the_full_sequence(model, tokenizer
     assert cached == ids
 
 
+def test_bf16_autocast_decodes_with_a_bf16_cache_and_a_head_cast_once_as_autocast_would(model, tokenizer):
+    # CUDA and CPUs with native bf16 decode under bf16 autocast; the batch casts the lm_head once
+    prompt = prompt_of(tokenizer, "the lazy dog")
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        batch = DecodeBatch(model, tokenizer, max_rows=2)
+        batch.add(prompt, num_samples=2, temperature=0.0)
+        assert batch.cache.kv.dtype == batch.head_weight.dtype == torch.bfloat16
+        hidden = torch.randn(3, model.config.n_embd)
+        assert torch.equal(model.logits(hidden, batch.head_weight), model.logits(hidden))  # autocast's own cast
+        first = [g.token for g in batch.step().values()]
+        want = model(torch.tensor([prompt]))[0, -1].argmax().item()
+    assert first == [want, want]
+
+
 def test_samples_of_one_prefill_equal_separate_runs_seeded_seed_plus_row(model, tokenizer):
     engine = Engine(model, tokenizer)
     prompt = prompt_of(tokenizer, "strawberries")
