@@ -171,9 +171,10 @@ def _tokenizer_dir(data_root: Path, scratch: Path) -> Path:
     return directory
 
 
-def start_server(args: argparse.Namespace, root: Path) -> tuple[str, GPT, Tokenizer]:
-    """The app on a local Ray, its model and tokenizer under `root`; returns the URL, the model
-    and the tokenizer (for the engine's figure)."""
+def start_server(args: argparse.Namespace, root: Path) -> tuple[dict[str, str], GPT, Tokenizer]:
+    """The app on a local Ray, once per --stream-interval (side by side, one model replica each),
+    its model and tokenizer under `root`; returns {label: URL}, the model and the tokenizer (for
+    the engine's figure)."""
     import ray
     from ray import serve
 
@@ -189,46 +190,64 @@ def start_server(args: argparse.Namespace, root: Path) -> tuple[str, GPT, Tokeni
                     {"model_config": dataclasses.asdict(cfg.gpt_config())})
     print(f"depth {args.depth}, {model.num_params():,} params, vocab {vocab:,}; "
           f"one model replica with {args.replica_cpus} CPUs, max_batch {args.max_batch}", flush=True)
-    ray.init(address="local", num_cpus=os.cpu_count() + 2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"}})
+    apps = len(args.stream_interval)
+    ray.init(address="local", num_cpus=apps * (args.replica_cpus + 1) + 2, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"}})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(model_tag=cfg.model_tag, root=str(root), tokenizer_dir=str(tokenizer_dir),
-                                max_batch=args.max_batch, max_queue=256, num_cpus=args.replica_cpus)),
-              name="nanochat", route_prefix="/")
-    return f"http://127.0.0.1:{port}", model.eval(), tokenizer
+    urls = {}
+    for k, interval in enumerate(args.stream_interval):
+        serve.run(build_app(AppArgs(model_tag=cfg.model_tag, root=str(root), tokenizer_dir=str(tokenizer_dir),
+                                    max_batch=args.max_batch, max_queue=256, num_cpus=args.replica_cpus,
+                                    stream_interval_s=interval)),
+                  name=f"nanochat{k}", route_prefix=f"/app{k}")
+        urls[f"ticks {interval:g} s"] = f"http://127.0.0.1:{port}/app{k}"
+    return urls, model.eval(), tokenizer
 
 
-def measure(url: str, args: argparse.Namespace, model: GPT | None, tokenizer: Tokenizer | None) -> None:
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}, {args.replica_cpus} threads in the engine and the "
+def measure(urls: dict[str, str], args: argparse.Namespace, model: GPT | None, tokenizer: Tokenizer | None) -> None:
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}, {args.replica_cpus} threads in the engine and each "
           f"replica; {args.max_tokens} tokens per answer", flush=True)
-    asyncio.run(run_level(url, 2, 4, 8))  # warm-up: first forward, connections
-    print(f"\n{'C':>3} {'requests':>8} {'req/s':>6} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p95':>9} "
-          f"{'lat p50':>8} {'lat p95':>8} {'errors':>6} {'engine tok/s':>13} {'served/engine':>14}")
+    for url in urls.values():
+        asyncio.run(run_level(url, 2, 4, 8))  # warm-up: first forward, connections
+    print(f"\n{'server':>14} {'C':>3} {'requests':>8} {'req/s':>6} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p95':>9} "
+          f"{'lat p50':>8} {'lat p95':>8} {'errors':>6} {'CPU ms/tok':>11} {'engine tok/s':>13} {'CPU ms/tok':>11} "
+          f"{'served/engine':>14}")
     cpu_report = []
-    for c in args.concurrency:
-        engine = None
-        if model is not None:
-            torch.set_num_threads(args.replica_cpus)
-            engine = engine_tokens_per_second(model, tokenizer, min(c, args.max_batch), args.max_tokens)
-        cpu_before = cpu_seconds_by_process()
-        results, seconds = asyncio.run(run_level(url, c, max(args.requests, 2 * c), args.max_tokens))
-        cpu_after = cpu_seconds_by_process()
-        good = [r for r in results if r.ok]
-        tokens_per_s = sum(r.tokens for r in good) / seconds
-        ttft, latency = [r.ttft for r in good], [r.latency for r in good]
-        engine_text = f"{engine:>13.0f} {tokens_per_s / engine:>13.0%}" if engine else f"{'-':>13} {'-':>14}"
-        print(f"{c:>3} {len(results):>8} {len(good) / seconds:>6.2f} {tokens_per_s:>7.0f} "
-              f"{percentile(ttft, .5):>8.2f}s {percentile(ttft, .95):>8.2f}s {percentile(latency, .5):>7.2f}s "
-              f"{percentile(latency, .95):>7.2f}s {len(results) - len(good):>6} {engine_text}", flush=True)
-        spent = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
-        busy = sorted(((t, role) for role, t in spent.items() if t >= 0.05 * seconds), reverse=True)
-        cpu_report.append(f"C={c} ({seconds:.1f} s): " + ", ".join(f"{role} {t:.1f}" for t, role in busy))
-    if cpu_report:
-        print("\nCPU seconds during each level, by process (those above 5% of the level's wall time):")
-        print("\n".join(cpu_report))
+    for _ in range(args.rounds):  # servers alternate within a round: the machine's load hits both alike
+        for c in args.concurrency:
+            engine, engine_cpu = None, None
+            if model is not None:
+                torch.set_num_threads(args.replica_cpus)
+                cpu = time.process_time()
+                engine = engine_tokens_per_second(model, tokenizer, min(c, args.max_batch), args.max_tokens)
+                engine_cpu = (time.process_time() - cpu) / (3 * min(c, args.max_batch) * args.max_tokens)
+            for label, url in urls.items():
+                cpu_before = cpu_seconds_by_process()
+                results, seconds = asyncio.run(run_level(url, c, max(args.requests, 2 * c), args.max_tokens))
+                cpu_after = cpu_seconds_by_process()
+                good = [r for r in results if r.ok]
+                tokens = sum(r.tokens for r in good)
+                tokens_per_s = tokens / seconds
+                ttft, latency = [r.ttft for r in good], [r.latency for r in good]
+                spent = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
+                server_cpu = sum(t for role, t in spent.items() if not role.startswith("load client"))
+                engine_text = (f"{engine:>13.0f} {engine_cpu * 1000:>11.2f} {tokens_per_s / engine:>13.0%}"
+                               if engine else f"{'-':>13} {'-':>11} {'-':>14}")
+                print(f"{label:>14} {c:>3} {len(results):>8} {len(good) / seconds:>6.2f} {tokens_per_s:>7.0f} "
+                      f"{percentile(ttft, .5):>8.2f}s {percentile(ttft, .95):>8.2f}s "
+                      f"{percentile(latency, .5):>7.2f}s {percentile(latency, .95):>7.2f}s "
+                      f"{len(results) - len(good):>6} {server_cpu / max(tokens, 1) * 1000:>11.2f} {engine_text}",
+                      flush=True)
+                busy = sorted(((t, role) for role, t in spent.items() if t >= 0.05 * seconds), reverse=True)
+                cpu_report.append(f"{label}, C={c} ({seconds:.1f} s): "
+                                  + ", ".join(f"{role} {t:.1f}" for t, role in busy))
+    print("\nCPU ms/tok: CPU time of the server's processes (all of this Ray: replicas, proxy, raylet...) per "
+          "generated token, and the engine's alone. CPU seconds during each level, by process (those above 5% "
+          "of the level's wall time):")
+    print("\n".join(cpu_report))
 
 
 def main() -> None:
@@ -240,14 +259,20 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--max-batch", type=int, default=16, help="rows per decode step in the replica")
     parser.add_argument("--replica-cpus", type=int, default=os.cpu_count(), help="torch threads of the model replica")
+    parser.add_argument("--stream-interval", type=float, nargs="+", default=[0.05],
+                        help="the app's stream_interval_s; several: one app each, measured in alternation")
+    parser.add_argument("--rounds", type=int, default=1, help="times to run every level (servers alternate)")
     parser.add_argument("--data-root", default=os.environ.get("NANOCHAT_DATA", "../shared/data"))
     args = parser.parse_args()
     if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost"):
         parser.error("--url must point at 127.0.0.1: this load test is for your own machine")
 
     with tempfile.TemporaryDirectory(prefix="serve_load_") as scratch:
-        url, model, tokenizer = (args.url, None, None) if args.url else start_server(args, Path(scratch))
-        measure(url, args, model, tokenizer)
+        if args.url:
+            urls, model, tokenizer = {"--url": args.url.rstrip("/")}, None, None
+        else:
+            urls, model, tokenizer = start_server(args, Path(scratch))
+        measure(urls, args, model, tokenizer)
         if not args.url:
             import ray
             from ray import serve
