@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,6 +26,7 @@ MAX_BODY_BYTES = 1_000_000  # 32,000 characters, JSON-escaped, fit many times ov
 DEFAULT_MAX_TOKENS = 512
 MAX_CHOICES = 8  # n: rows decoded from one prefill
 MAX_TOP_LOGPROBS = 20
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -144,7 +145,7 @@ async def read_body(chunks: AsyncIterator[bytes], headers: Mapping[str, str]) ->
     return bytes(body)
 
 
-async def within(events: AsyncIterator[dict], seconds: float) -> AsyncIterator[dict]:
+async def within(events: AsyncIterator[T], seconds: float) -> AsyncIterator[T]:
     """`events`, as long as the whole request takes at most `seconds`; then ApiError(504)."""
     deadline = asyncio.get_running_loop().time() + seconds
     while True:

@@ -8,7 +8,9 @@ The chat server on Ray Serve: an OpenAI-compatible API, the web UI, continuous b
 Two deployments:
 - `ChatModel` owns the model and one `Batcher` (serve/batcher.py) per replica: concurrent
   requests decode together, one forward per step. GPU per replica when `num_gpus` is set;
-  `num_replicas` may be "auto" for autoscaling.
+  `num_replicas` may be "auto" for autoscaling. It streams a request's events in ticks: the
+  tokens of `stream_interval_s` make one message to the ingress and one write to the client,
+  since each message costs CPU in three processes (model, ingress, proxy) that the forward needs.
 - `ChatAPI` is the FastAPI ingress: authentication, validation (serve/api.py), server-sent
   events, the web page, /v1/models, /health, /stats. It holds no model and scales apart.
 
@@ -70,6 +72,7 @@ class AppArgs(BaseModel):
     num_cpus: float = Field(1, ge=0)  # per model replica (torch uses this many threads)
     request_timeout_s: float = Field(600, gt=0)  # a chat request's whole life, queue included; then 504
     stuck_after_s: float = Field(120, gt=0)  # one decode step running longer: the replica is unhealthy
+    stream_interval_s: float = Field(0.05, ge=0, le=1)  # a stream's tokens this close together go out as one message
 
 
 # -----------------------------------------------------------------------------
@@ -113,7 +116,8 @@ class ChatModel:
         self.model = model
         self.created = int((checkpoint_dir(args.stage, tag, root) / step_name(meta["step"]) / "meta.json").stat().st_mtime)
         self.batcher = Batcher(model, self.tokenizer, args.max_batch, args.max_queue,
-                               device_context=lambda: autocast(self.device, dtype), on_step=self._on_step)
+                               device_context=lambda: autocast(self.device, dtype), on_step=self._on_step,
+                               interval_s=args.stream_interval_s)
         self.stuck_after_s, self.max_failures = args.stuck_after_s, FAILED_STEPS_UNHEALTHY
 
     def check_health(self) -> None:
@@ -135,51 +139,53 @@ class ChatModel:
 
     async def generate(self, messages: list[dict], max_tokens: int, temperature: float, top_k: int | None,
                        seed: int | None, stop: list[str], n: int = 1, top_p: float | None = None,
-                       logprobs: int | None = None) -> AsyncIterator[dict]:
-        """The assistant's answers to a conversation: `complete`'s events, chat-shaped logprobs."""
+                       logprobs: int | None = None) -> AsyncIterator[list[dict]]:
+        """The assistant's answers to a conversation: `complete`'s ticks, chat-shaped logprobs."""
         try:
             prompt = self.tokenizer.render_for_completion(
                 {"messages": messages + [{"role": "assistant", "content": ""}]})
         except ValueError as error:
-            yield {"error": 400, "message": str(error), "param": "messages"}
+            yield [{"error": 400, "message": str(error), "param": "messages"}]
             return
-        async for event in self.complete(prompt, max_tokens, temperature, top_k, seed, stop, n, top_p, logprobs,
-                                         chat=True):
-            yield event
+        async for tick in self.complete(prompt, max_tokens, temperature, top_k, seed, stop, n, top_p, logprobs,
+                                        chat=True):
+            yield tick
 
     async def complete(self, prompt: str | list[int], max_tokens: int, temperature: float, top_k: int | None,
                        seed: int | None, stop: list[str], n: int = 1, top_p: float | None = None,
-                       logprobs: int | None = None, echo: bool = False, chat: bool = False) -> AsyncIterator[dict]:
+                       logprobs: int | None = None, echo: bool = False, chat: bool = False
+                       ) -> AsyncIterator[list[dict]]:
         """n choices for one prompt (serve/completions.py says how prompts become ids).
 
-        Events: first {"error": status, ...} or {"prompt_tokens", "prompt_text"}; then
-        {"index", "text"} pieces; then per choice {"index", "finish_reason", "completion_tokens",
-        "logprobs"}. logprobs (top-k count, or None for none): scored by one forward over the
-        prompt and the answer once it is complete, so they are exactly the model's.
+        Yields ticks, lists of events: first [{"error": status, ...}] or [{"prompt_tokens",
+        "prompt_text"}]; then {"index", "text"} pieces, those of one batcher interval in one tick;
+        then per choice {"index", "finish_reason", "completion_tokens", "logprobs"}. logprobs
+        (top-k count, or None for none): scored by one forward over the prompt and the answer once
+        it is complete, so they are exactly the model's.
         """
         start = time.perf_counter()
         ids, unscored = prompt_ids(prompt, self.tokenizer) if not chat else (prompt, 0)
         if max(ids) >= self.tokenizer.vocab_size:
-            yield {"error": 400, "param": "prompt", "message": f"token id {max(ids)} is outside the vocabulary "
-                                                               f"(0 to {self.tokenizer.vocab_size - 1})"}
+            yield [{"error": 400, "param": "prompt", "message": f"token id {max(ids)} is outside the vocabulary "
+                                                                f"(0 to {self.tokenizer.vocab_size - 1})"}]
             return
         if n > self.batcher.max_batch:
-            yield {"error": 400, "param": "n", "message": f"n={n}: this server decodes at most "
-                                                          f"{self.batcher.max_batch} rows at once"}
+            yield [{"error": 400, "param": "n", "message": f"n={n}: this server decodes at most "
+                                                           f"{self.batcher.max_batch} rows at once"}]
             return
         room = self.context - len(ids)
         if room < (1 if max_tokens else 0):
             what = "conversation" if chat else "prompt"
-            yield {"error": 400, "param": "messages" if chat else "prompt", "code": "context_length_exceeded",
-                   "message": f"the {what} is {len(ids):,} tokens; this model's context is {self.context:,} tokens"
-                              f"{' and the answer needs at least 1' if max_tokens else ''}: shorten it"}
+            yield [{"error": 400, "param": "messages" if chat else "prompt", "code": "context_length_exceeded",
+                    "message": f"the {what} is {len(ids):,} tokens; this model's context is {self.context:,} "
+                               f"tokens{' and the answer needs at least 1' if max_tokens else ''}: shorten it"}]
             return
         texts = [TextStream(self.tokenizer, stop) for _ in range(n)]
         answers: list[list[int]] = [[] for _ in range(n)]
         reported = ids[unscored:]
         prompt_text = prompt if isinstance(prompt, str) else self.tokenizer.decode(reported)
         if max_tokens == 0:
-            yield {"prompt_tokens": len(ids), "prompt_text": prompt_text}
+            yield [{"prompt_tokens": len(ids), "prompt_text": prompt_text}]
         else:
             seed = random.getrandbits(62) if seed is None else seed
             tokens = self.batcher.stream(ids, Sampling(min(max_tokens, room), temperature, top_k, seed, top_p, n))
@@ -187,36 +193,37 @@ class ChatModel:
                 try:
                     await tokens.__anext__()  # queued, or refused
                 except Overloaded as error:
-                    yield {"error": 429, "message": str(error), "retry_after": error.retry_after}
+                    yield [{"error": 429, "message": str(error), "retry_after": error.retry_after}]
                     return
-                yield {"prompt_tokens": len(ids), "prompt_text": prompt_text}
+                yield [{"prompt_tokens": len(ids), "prompt_text": prompt_text}]
                 first = True
                 async for pieces in tokens:
                     if first:
                         metric("ttft").observe(time.perf_counter() - start)
                         first = False
+                    tick = []
                     for i, piece in enumerate(pieces):
                         used = texts[i].tokens
                         delta = texts[i].feed(piece)
                         answers[i] += piece[:texts[i].tokens - used]
                         if delta:
-                            yield {"index": i, "text": delta}
+                            tick.append({"index": i, "text": delta})
+                    if tick:
+                        yield tick
                     if all(text.stopped for text in texts):
                         break
             finally:
                 await tokens.aclose()  # a client that left, or stop strings: free the rows now
-        for i, text in enumerate(texts):
-            delta = text.flush()
-            if delta:
-                yield {"index": i, "text": delta}
+        tick = [{"index": i, "text": delta} for i, text in enumerate(texts) if (delta := text.flush())]
         metric("latency").observe(time.perf_counter() - start)
         for i, (text, answer) in enumerate(zip(texts, answers)):
             answer = [t for t in answer if t not in text.terminal]
             scored = None
             if logprobs is not None:
                 scored = await self._logprobs(ids, answer, unscored, logprobs, echo, chat)
-            yield {"index": i, "finish_reason": "stop" if text.stopped else "length",
-                   "completion_tokens": text.tokens, "logprobs": scored}
+            tick.append({"index": i, "finish_reason": "stop" if text.stopped else "length",
+                         "completion_tokens": text.tokens, "logprobs": scored})
+        yield tick
 
     async def _logprobs(self, ids: list[int], answer: list[int], unscored: int, top: int, echo: bool,
                         chat: bool) -> dict:
@@ -252,12 +259,12 @@ def _busy_is_429() -> Iterator[None]:
         raise api.ApiError(429, f"server busy: {error}", retry_after=RETRY_AFTER_S) from None
 
 
-async def _first_event(generator: DeploymentResponseGenerator, events: AsyncIterator[dict]) -> dict:
-    """The model's first event from `events` (the generator's, under the request's deadline): the
+async def _first_event(generator: DeploymentResponseGenerator, ticks: AsyncIterator[list[dict]]) -> dict:
+    """The model's first event from `ticks` (the generator's, under the request's deadline): the
     request was queued, or its 4xx/429/504 as an ApiError."""
     try:
         with _busy_is_429():
-            first = await anext(events)
+            [first] = await anext(ticks)
     except api.ApiError:
         generator.cancel()
         raise
@@ -267,15 +274,16 @@ async def _first_event(generator: DeploymentResponseGenerator, events: AsyncIter
     return first
 
 
-async def _collect(generator: DeploymentResponseGenerator, events: AsyncIterator[dict], n: int) -> list[dict]:
+async def _collect(generator: DeploymentResponseGenerator, ticks: AsyncIterator[list[dict]], n: int) -> list[dict]:
     """A whole answer: per choice {"text", "finish_reason", "completion_tokens", "logprobs"}."""
     choices = [{"text": ""} for _ in range(n)]
     try:
-        async for event in events:
-            if "text" in event:
-                choices[event["index"]]["text"] += event["text"]
-            else:
-                choices[event["index"]].update(event)
+        async for tick in ticks:
+            for event in tick:
+                if "text" in event:
+                    choices[event["index"]]["text"] += event["text"]
+                else:
+                    choices[event["index"]].update(event)
     finally:
         generator.cancel()
     return choices
@@ -365,7 +373,7 @@ class ChatAPI:
     async def _start(self, request: Request, route: str
                      ) -> tuple[api.ChatRequest, DeploymentResponseGenerator, AsyncIterator[dict], int]:
         """Validate and queue a request; errors here become 4xx before any byte is streamed.
-        Returns the model's generator (to cancel) and its events under the request's deadline."""
+        Returns the model's generator (to cancel) and its ticks under the request's deadline."""
         metric("requests").inc(tags={"route": route})
         api.check_browser_request(request.headers)
         self._authorize(request)
@@ -374,15 +382,15 @@ class ChatAPI:
         with _busy_is_429():
             generator = self.model.generate.remote(chat.conversation(), chat.token_budget(), chat.temperature,
                                                    chat.top_k, chat.seed, chat.stop_strings(), chat.n, chat.top_p, top)
-        events = api.within(generator, self.request_timeout_s)
-        return chat, generator, events, (await _first_event(generator, events))["prompt_tokens"]
+        ticks = api.within(generator, self.request_timeout_s)
+        return chat, generator, ticks, (await _first_event(generator, ticks))["prompt_tokens"]
 
     @web.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        chat, generator, events, prompt_tokens = await self._start(request, "/v1/chat/completions")
+        chat, generator, ticks, prompt_tokens = await self._start(request, "/v1/chat/completions")
         name, id_ = (await self.info())["name"], api.completion_id()
         if not chat.stream:
-            choices = await _collect(generator, events, chat.n)
+            choices = await _collect(generator, ticks, chat.n)
             return api.completion(id_, name, choices, prompt_tokens, sum(c["completion_tokens"] for c in choices))
 
         async def sse() -> AsyncIterator[str]:
@@ -390,13 +398,16 @@ class ChatAPI:
                 for i in range(chat.n):
                     yield api.chunk(id_, name, {"role": "assistant", "content": ""}, index=i)
                 used, ended = 0, 0
-                async for event in events:
-                    if "text" in event:
-                        yield api.chunk(id_, name, {"content": event["text"]}, index=event["index"])
-                    else:
-                        used, ended = used + event["completion_tokens"], ended + 1
-                        yield api.chunk(id_, name, {}, event["finish_reason"], index=event["index"],
-                                        usage_=api.usage(prompt_tokens, used) if ended == chat.n else None)
+                async for tick in ticks:  # one write per tick: one message to the proxy
+                    chunks = []
+                    for event in tick:
+                        if "text" in event:
+                            chunks.append(api.chunk(id_, name, {"content": event["text"]}, index=event["index"]))
+                        else:
+                            used, ended = used + event["completion_tokens"], ended + 1
+                            chunks.append(api.chunk(id_, name, {}, event["finish_reason"], index=event["index"],
+                                                    usage_=api.usage(prompt_tokens, used) if ended == chat.n else None))
+                    yield "".join(chunks)
                 yield api.sse("[DONE]")
             except Exception as error:  # the status line is sent: the error goes in the stream
                 yield api.sse(_stream_error(request, error))
@@ -438,19 +449,22 @@ class ChatAPI:
         async def sse() -> AsyncIterator[str]:
             used, ended = 0, 0
             try:
-                for k, (_, events) in enumerate(runs):  # prompt after prompt; all of them decode meanwhile
+                for k, (_, ticks) in enumerate(runs):  # prompt after prompt; all of them decode meanwhile
                     for i in range(body.n):
                         if echo[k]:
                             yield api.sse(_text_chunk(id_, name, k * body.n + i, echo[k]))
-                    async for event in events:
-                        index = k * body.n + event["index"]
-                        if "text" in event:
-                            yield api.sse(_text_chunk(id_, name, index, event["text"]))
-                        else:
-                            used, ended = used + event["completion_tokens"], ended + 1
-                            last = ended == len(runs) * body.n
-                            yield api.sse(_text_chunk(id_, name, index, "", event["finish_reason"],
-                                                      api.usage(prompt_tokens, used) if last else None))
+                    async for tick in ticks:
+                        chunks = []
+                        for event in tick:
+                            index = k * body.n + event["index"]
+                            if "text" in event:
+                                chunks.append(api.sse(_text_chunk(id_, name, index, event["text"])))
+                            else:
+                                used, ended = used + event["completion_tokens"], ended + 1
+                                last = ended == len(runs) * body.n
+                                chunks.append(api.sse(_text_chunk(id_, name, index, "", event["finish_reason"],
+                                                                  api.usage(prompt_tokens, used) if last else None)))
+                        yield "".join(chunks)
                 yield api.sse("[DONE]")
             except Exception as error:  # the status line is sent: the error goes in the stream
                 yield api.sse(_stream_error(request, error))
@@ -463,13 +477,13 @@ class ChatAPI:
     @web.post("/chat/completions")
     async def chat_completions_reference(self, request: Request):
         """The reference's shape: `data: {"token": ...}` events, then `data: {"done": true}`."""
-        _, generator, events, _ = await self._start(request, "/chat/completions")
+        _, generator, ticks, _ = await self._start(request, "/chat/completions")
 
         async def sse() -> AsyncIterator[str]:
             try:
-                async for event in events:
-                    if "text" in event:
-                        yield api.sse({"token": event["text"]})
+                async for tick in ticks:
+                    if text := "".join(api.sse({"token": event["text"]}) for event in tick if "text" in event):
+                        yield text
                 yield api.sse({"done": True})
             finally:
                 generator.cancel()

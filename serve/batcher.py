@@ -2,14 +2,17 @@
 Continuous batching for one model replica: requests join and leave a shared DecodeBatch between
 steps, and one decode loop advances all of them with one forward per step.
 
-    batcher = Batcher(model, tokenizer, max_batch=32, max_queue=64)
+    batcher = Batcher(model, tokenizer, max_batch=32, max_queue=64, interval_s=0.05)
     async for pieces in batcher.stream(prompt_ids, Sampling(max_tokens=64, n=2)): ...  # ids per choice
     result = await batcher.run(fn, *args)   # any other model work, between decode steps
 
 Plain asyncio around the engine (no Ray), so it runs and tests in one process. The forward runs
 in a worker thread, so the event loop keeps streaming tokens, accepting requests and noticing
 disconnects while the model computes. Only the loop task touches the DecodeBatch: a client that
-leaves is recorded and its row removed before the next step.
+leaves is recorded and its row removed before the next step. A stream hands out the tokens of
+`interval_s` at a time (the first at once): every item a client gets costs a message through each
+process between the model and the socket, so 16 clients at one token per step would cost more than
+the forward itself.
 """
 
 import asyncio
@@ -54,6 +57,7 @@ class _Request:
     row_ids: list[int] = field(default_factory=list)  # choice i decodes in row row_ids[i]
     open: int = 0  # choices still decoding
     gone: bool = False  # the consumer stopped listening
+    ended: bool = False  # its last item (_END or an exception) is queued
 
 
 class Batcher:
@@ -61,15 +65,15 @@ class Batcher:
 
     `max_batch` rows decode together; up to `max_queue` more requests wait for a free row, and
     one more is refused with Overloaded. `on_step(batch_size)` is called on the event loop after
-    every step (metrics).
+    every step (metrics). A stream yields at most once per `interval_s` (0: once per step).
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int, max_queue: int,
                  device_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 on_step: Callable[[int], None] = lambda n: None):
+                 on_step: Callable[[int], None] = lambda n: None, interval_s: float = 0.0):
         with device_context():  # the KV cache takes the compute dtype (bf16 under autocast)
             self.batch = DecodeBatch(model, tokenizer, max_rows=max_batch, seq_len=model.config.sequence_len)
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.interval_s = max_batch, max_queue, interval_s
         self.device_context, self.on_step = device_context, on_step
         self.waiting: deque[_Request] = deque()
         self.live: dict[int, tuple[_Request, int]] = {}  # row id → (request, choice), for rows whose client listens
@@ -102,9 +106,10 @@ class Batcher:
 
         The first item is [] as soon as the request is queued (or Overloaded is raised), so a
         server can answer 429 before it commits to a stream. Then each item holds, per choice,
-        every token that arrived since the previous one (a slow reader gets bigger pieces, not a
-        backlog). A choice's terminal token, when it ends with one, is its last id. Closing the
-        iterator frees the request's rows before the next step.
+        every token that arrived since the previous one, at least interval_s after it unless the
+        request ended (a slow reader gets bigger pieces, not a backlog). A choice's terminal
+        token, when it ends with one, is its last id. Closing the iterator frees the request's
+        rows before the next step.
         """
         if not 1 <= sampling.n <= self.max_batch:
             raise ValueError(f"n={sampling.n}: a request may take 1 to {self.max_batch} rows")
@@ -118,10 +123,14 @@ class Batcher:
         if self._loop is None or self._loop.done():
             self._loop = asyncio.create_task(self._run())
         self._wake.set()
+        clock = asyncio.get_running_loop().time
         try:
             yield []
+            sent = -self.interval_s  # the first token goes out at once
             while True:
                 items = [await request.tokens.get()]
+                if not request.ended and (wait := sent + self.interval_s - clock()) > 0:
+                    await asyncio.sleep(wait)  # more tokens of this request meanwhile: one message
                 while not request.tokens.empty():
                     items.append(request.tokens.get_nowait())
                 ended = items[-1] is _END or isinstance(items[-1], BaseException)
@@ -129,6 +138,7 @@ class Batcher:
                 for choice, token in items[:-1] if ended else items:
                     pieces[choice].append(token)
                 if any(pieces):
+                    sent = clock()
                     yield pieces
                 if isinstance(items[-1], BaseException):
                     raise items[-1]
@@ -215,10 +225,12 @@ class Batcher:
                 request.open -= 1
                 if request.open == 0:
                     request.tokens.put_nowait(_END)
+                    request.ended = True
 
     def _fail_all(self, joining: list[_Request], error: Exception) -> None:
         for request in dict.fromkeys([*joining, *(r for r, _ in self.live.values())]):
             request.tokens.put_nowait(error)
+            request.ended = True
         self.live.clear()
         self.leaving.clear()
         for row in list(self.batch.rows):

@@ -490,6 +490,31 @@ def _batcher(tokenizer_dir):
     return Batcher(build_gpt(cfg.gpt_config()), Tokenizer.from_directory(tokenizer_dir), max_batch=2, max_queue=4)
 
 
+def test_a_stream_sends_one_item_per_interval_and_ends_without_waiting(smoke_tokenizer_dir):
+    import asyncio
+
+    from serve.batcher import Batcher, Sampling
+
+    cfg = make_config("smoke")
+    torch.manual_seed(0)
+    model, tokenizer = build_gpt(cfg.gpt_config()).eval(), Tokenizer.from_directory(smoke_tokenizer_dir)
+    sampling = Sampling(max_tokens=6, seed=7)
+
+    async def items(interval_s: float) -> tuple[list, float]:
+        batcher = Batcher(model, tokenizer, max_batch=2, max_queue=2, interval_s=interval_s)
+        start = time.perf_counter()
+        got = [pieces async for pieces in batcher.stream([1, 2, 3], sampling)]
+        return got, time.perf_counter() - start
+
+    every_step, _ = asyncio.run(items(0))
+    ticked, seconds = asyncio.run(items(1.5))  # six smoke-model steps take far less than 1.5 s
+    tokens = [t for pieces in every_step[1:] for t in pieces[0]]
+    assert len(tokens) == 6 and len(every_step) == 7  # [] when queued, then one item per step
+    # the first token at once, the other five together one interval later, and no wait after the last
+    assert ticked == [[], [tokens[:1]], [tokens[1:]]]
+    assert 1.5 <= seconds < 2.9, seconds
+
+
 def test_a_stuck_or_always_failing_decode_loop_is_unhealthy(smoke_tokenizer_dir):
     import asyncio
     import threading
