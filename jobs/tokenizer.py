@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     # machine whatever a task would reserve, the shards are on this node's disk (the downloads are
     # pinned here), and the tokenizer is written to the artifact root straight away.
     start = time.perf_counter()
-    # disable=None: a bar on a terminal, none in a log file (a redrawn bar is one long line there)
-    with tqdm(total=cfg.tokenizer_max_chars, unit="char", unit_scale=True, desc="tokenizer text", disable=None) as bar:
+    with tqdm(total=cfg.tokenizer_max_chars, unit="char", unit_scale=True, desc="tokenizer text") as bar:
         texts = training_text(downloads, train_paths, cfg.tokenizer_doc_cap, bar)
         tokenizer = Tokenizer.train_from_iterator(texts, cfg.vocab_size, cfg.tokenizer_doc_cap,
                                                   cfg.tokenizer_max_chars)
