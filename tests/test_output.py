@@ -1,11 +1,11 @@
-"""What a user sees: one line per training step, Ray's chatter only with --verbose, errors always."""
+"""What a user sees: Ray's chatter only with --verbose, errors always, one line per job's end (one
+line per training step: tests/test_loop.py)."""
 
 import argparse
 import re
 
 from nanochat_ray.common import RAY_NOISE, VERBOSE_ENV, add_verbose_flag, ray_output_env, verbose
 from nanochat_ray.train.cli import done_line
-from test_loop import train
 
 # lines a speedrun printed before the output was quieted (Ray 2.60), with what each must become
 RAY_LINES = {
@@ -36,13 +36,6 @@ def test_quiet_by_default_and_verbose_restores_ray_defaults(monkeypatch):
     assert parser.parse_args([]).verbose is False and not verbose()
     assert parser.parse_args(["--verbose"]).verbose is True
     assert verbose() and ray_output_env() == {VERBOSE_ENV: "1"}  # Ray's own defaults, and workers see it
-
-
-def test_one_line_per_step_with_rate_and_eta(capsys):
-    train(steps=3)
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split(" | ")[0] for line in lines] == ["step 00001/3", "step 00002/3", "step 00003/3"]
-    assert all(" tok/s | " in line and " | eta " in line for line in lines)
 
 
 def test_a_training_job_ends_with_one_line():
