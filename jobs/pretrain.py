@@ -17,7 +17,7 @@ from nanochat_ray.common import init_ray
 from nanochat_ray.config import config_from_args
 from nanochat_ray.data.download import shards_needed, start_downloads, train_and_val_shards
 from nanochat_ray.data.registry import resolve
-from nanochat_ray.train.cli import tokenizer_dir, training_parser
+from nanochat_ray.train.cli import done_line, tokenizer_dir, training_parser
 from nanochat_ray.train.pretrain import pretrain
 from nanochat_ray.train.worker import check_stage
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
                       resume=args.resume, fresh=args.fresh, max_failures=args.max_failures,
                       data_actors=args.data_actors, data_actor_cpus=data_actor_cpus, core_bundle=core_bundle,
                       fail_at_step=args.fail_at_step)
-    print(f"done: {result['metrics']}\ncheckpoint: {result['checkpoint']}")
+    print(done_line(result))
     return result
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from nanochat_ray.config import config_from_args, default_preset
 from nanochat_ray.rl.loop import RL_PRESETS, RLOptions, rl_config_defaults, rl_train
-from nanochat_ray.train.cli import tokenizer_dir, training_parser
+from nanochat_ray.train.cli import done_line, tokenizer_dir, training_parser
 
 FLAGS = {  # RLOptions field → help
     "task": "gsm8k, or toy: 'answer with the number 7', a plumbing check whose reward must rise",
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = rl_train(cfg, options, tokenizer_dir=tokenizer_dir(args), data_root=args.data_root, use_gpu=args.use_gpu,
                       cpus_per_worker=args.cpus_per_worker, resume=args.resume, fresh=args.fresh,
                       max_failures=args.max_failures, fail_at_step=args.fail_at_step)
-    print(f"done: {result['metrics']}\ncheckpoint: {result['checkpoint']}")
+    print(done_line(result))
     return result
 
 

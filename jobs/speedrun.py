@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from nanochat_ray.checkpoint import checkpoint_dir, latest_step, step_name
-from nanochat_ray.common import base_dir, init_ray
+from nanochat_ray.common import add_verbose_flag, base_dir, init_ray
 from nanochat_ray.config import Config, ConfigError, add_config_args, config_from_args, default_preset, make_config
 from nanochat_ray.gpus import GPU_KINDS, GPUKind, gpu_kind, kind_of_device
 from nanochat_ray.plan import format_plan, make_plan, refusal
@@ -112,12 +112,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ignore-plan", action="store_true",
                         help="start a GPU run even when the plan says a stage does not fit")
     add_config_args(parser)
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    args.preset = args.preset or default_preset()  # decided (and said) once
     try:
         args.cfg = config_from_args(args)
     except ConfigError as e:
         parser.error(str(e))
-    args.preset = args.preset or default_preset()
     args.data_root = str(Path(args.data_root).resolve()) if args.data_root else None
     args.extra = {}
     for item in args.stage_args:

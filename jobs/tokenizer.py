@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from nanochat_ray.common import base_dir, init_ray
+from nanochat_ray.common import add_verbose_flag, base_dir, init_ray
 from nanochat_ray.config import Config, ConfigError, add_config_args, config_from_args
 from nanochat_ray.data.download import ShardDownloads, shards_needed, start_downloads, train_and_val_shards
 from nanochat_ray.data.registry import NUM_SHARDS
@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
                         help="pretraining shards to fetch, val included (default: what the config's tokenizer "
                              "and pretraining horizon need; d20: 239; a mirror caps it)")
     parser.add_argument("--output", type=Path, default=None, help="tokenizer directory (default: base_dir()/tokenizer)")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     # every check happens here, before Ray starts or anything is downloaded
     try:

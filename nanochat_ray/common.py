@@ -1,6 +1,8 @@
 """Small helpers shared by every stage: the artifact root, rank-0 printing, device choice."""
 
+import argparse
 import functools
+import logging
 import os
 import platform
 import re
@@ -147,10 +149,53 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return matmul_peak(device, dtype)
 
 
+# -----------------------------------------------------------------------------
+# output: quiet by default, everything with --verbose
+
+VERBOSE_ENV = "NANOCHAT_VERBOSE"  # "1": every job shows Ray's own logs too (set by --verbose)
+# Ray lines that ask nothing of a user, dropped from the driver's output unless --verbose: its own
+# actors (Ray Train's preemption watcher, Ray Data's map workers) keeping constructor arguments in
+# the object store; Ray Data announcing each pipeline's start, plan and end, and that it shows no bars
+RAY_NOISE = ("has constructor arguments in the object store and max_restarts|Starting execution of Dataset"
+             r"|Execution plan of Dataset|Dataset \S+ execution finished in|Progress bars disabled\. To enable")
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def ray_output_env() -> dict[str, str]:
+    """Environment for Ray's processes. Quiet: Ray Train leaves print() alone (its patch also logs every
+    line, so each step printed twice) and the driver drops RAY_NOISE; verbose: Ray's defaults."""
+    if verbose():
+        return {VERBOSE_ENV: "1"}
+    return {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DEDUP_LOGS_SKIP_REGEX": RAY_NOISE}
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """--verbose: keep Ray's own logs (resource requests, worker-group start-up, every
+    `ray.train.report`, Ray Data's execution plans). Set as the flag is parsed, so it holds for
+    everything the job starts (a speedrun's stages included) and reaches the local Ray's workers."""
+
+    class Verbose(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            os.environ[VERBOSE_ENV] = "1"
+            setattr(namespace, self.dest, True)
+
+    parser.add_argument("--verbose", action=Verbose, nargs=0, default=False,
+                        help="show Ray's own logs too (default: one line per step, stage and evaluation task, "
+                             "plus warnings and errors)")
+
+
 def init_ray() -> None:
     """Join the running cluster (the one `ray job submit` runs us on, or `ray start`), else start
-    a local Ray. Workers get the same artifact root as this driver.
+    a local Ray. Workers get the same artifact root as this driver, and the output settings
+    (quiet unless --verbose, see ray_output_env).
     """
+    # before Ray is imported: it reads the log filter then; Ray Train hands the print switch on
+    # from this driver to its controller and workers, also under `ray job submit`
+    for name, value in ray_output_env().items():
+        os.environ.setdefault(name, value)
     import ray  # only the Ray edges call this; the core never imports ray
 
     if ray.is_initialized():  # called from the speedrun or a test
@@ -158,4 +203,9 @@ def init_ray() -> None:
     # Under `ray job submit` the job's runtime_env already carries the environment, and Ray
     # refuses a second setting of the same variable.
     under_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray's job manager
-    ray.init(runtime_env=None if under_job else {"env_vars": {"NANOCHAT_BASE_DIR": str(base_dir())}})
+    env = {"NANOCHAT_BASE_DIR": str(base_dir()), **ray_output_env()}
+    context = ray.init(runtime_env=None if under_job else {"env_vars": env},
+                       logging_level=logging.INFO if verbose() else logging.WARNING)
+    if not verbose() and not under_job and context.dashboard_url:
+        print(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs), dashboard "
+              f"http://{context.dashboard_url}", flush=True)

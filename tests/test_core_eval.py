@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import os
 import random
 
 import pytest
@@ -256,6 +257,33 @@ def test_multiple_choice_picks_lowest_mean_continuation_loss(fitted, tokenizer):
     flipped = [dict(item) for item in items]
     flipped[index]["gold"] = 1 - gold
     assert not evaluate_example(model, tokenizer, task, flipped, index, "cpu")
+
+
+@pytest.mark.parametrize("label,shots_k", [("hellaswag", 1), ("winogrande", 2)])
+def test_shared_prefix_scores_equal_the_full_logits_definition(tasks, tokenizer, label, shots_k):
+    """continuation_losses runs the rows' shared prefix once into a KV cache; every row's score must
+    equal the plain definition: the whole row alone through the model, full logits, mean cross-entropy
+    over the continuation."""
+    torch.manual_seed(1)
+    model = build_gpt(dataclasses.replace(TINY, sequence_len=512))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    task = shots(tasks[label], shots_k)
+    items = load_items(task)
+    for index in range(3):
+        rows = tokenize_prompts(tokenizer, task.kind, render_prompts(task, items, index), 512)
+        # the few-shot examples (and the query) are a prefix of every row: the KV-cache path runs
+        assert len(os.path.commonprefix([tokens for tokens, _, _ in rows])) > 20
+        fast = continuation_losses(model, rows, tokenizer.bos_token_id, "cpu")
+        with torch.no_grad():
+            full = []
+            for tokens, start, end in rows:
+                logits = model(torch.tensor([tokens]))[0]  # (T, vocab): every position's logits
+                nll = -torch.log_softmax(logits.double(), dim=-1)[torch.arange(len(tokens) - 1), tokens[1:]]
+                full.append(nll[start - 1:end - 1].mean().item())
+        assert fast == pytest.approx(full, abs=2e-5)
+        assert min(range(len(fast)), key=fast.__getitem__) == min(range(len(full)), key=full.__getitem__)
 
 
 def test_schema_picks_the_context_that_explains_the_continuation(fitted, tokenizer):

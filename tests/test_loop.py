@@ -58,8 +58,12 @@ def test_masked_targets_are_ignored():
     assert first["loss"] == pytest.approx(np.log(1024), abs=1e-4)
 
 
-def test_metrics_each_step():
+def test_metrics_each_step(capsys):
     history, _ = train(steps=3)
+    # and one printed line per step, with its rate and the ETA
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in lines] == ["step 00001/3", "step 00002/3", "step 00003/3"]
+    assert all(" tok/s | " in line and " | eta " in line for line in lines)
     assert [m["step"] for m in history] == [1, 2, 3]
     for m in history:
         assert {"loss", "loss_ema", "lr_multiplier", "tokens_per_second", "mfu", "data_wait_fraction",

@@ -9,6 +9,7 @@ skip all → re-run the tail.
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -246,6 +247,10 @@ def test_speedrun_jobs_resume_skip_and_rerun(job_client, data_root, tmp_path):
     logs = finish(submit())
     assert "tokenizer  done before" in logs
     assert f"resumed from" in logs and "pretrain   resumed and done" in logs
+    # quiet output: each step once (Ray Train's print patch doubled it), no per-step report dump
+    step_lines = [line for line in logs.splitlines() if re.search(r"step \d{5}/\d+ \| loss", line)]
+    assert len(step_lines) == len(set(step_lines)) == PRETRAIN_STEPS - killed_at + 2 * 8, step_lines
+    assert "Reporting training result" not in logs and "constructor arguments in the object store" not in logs
     steps = [json.loads(line)["step"] for line in (pretrain_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(1) == 1, "pretraining restarted from step 1 instead of resuming"
     assert max(steps) == PRETRAIN_STEPS and steps[-1] == PRETRAIN_STEPS

@@ -26,7 +26,7 @@ import ray
 import torch
 
 from nanochat_ray.checkpoint import build_model_from_checkpoint, checkpoint_dir, latest_step
-from nanochat_ray.common import autocast, base_dir, compute_dtype, default_device, write_atomic
+from nanochat_ray.common import add_verbose_flag, autocast, base_dir, compute_dtype, default_device, write_atomic
 from nanochat_ray.config import Config, ConfigError, add_config_args
 from nanochat_ray.evals import core
 from nanochat_ray.evals.bpb import evaluate_bpb
@@ -212,6 +212,7 @@ def eval_parser(description: str) -> argparse.ArgumentParser:
                         help="local mirror laid out like shared/data (env NANOCHAT_DATA)")
     parser.add_argument("--tokenizer-dir", type=Path, default=None, help="default: <base dir>/tokenizer")
     add_config_args(parser)
+    add_verbose_flag(parser)
     return parser
 
 

@@ -4,7 +4,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nanochat_ray.common import base_dir
+from nanochat_ray.common import add_verbose_flag, base_dir
 from nanochat_ray.config import add_config_args
 
 
@@ -21,8 +21,21 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
     parser.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     add_config_args(parser)
+    add_verbose_flag(parser)
     return parser
 
 
 def tokenizer_dir(args: argparse.Namespace) -> Path:
     return args.tokenizer_dir or base_dir() / "tokenizer"
+
+
+SUMMARY_METRICS = ("step", "val_bpb", "loss_ema", "mean_reward", "pass_at_1")
+
+
+def done_line(result: dict) -> str:
+    """What a training job prints at its end: the headline metrics and the checkpoint, one line
+    (the whole metrics dict is in the checkpoint's meta.json and metrics.jsonl)."""
+    metrics = result["metrics"] or {}
+    shown = ", ".join(f"{name} {value:,}" if isinstance(value, int) else f"{name} {value:.4f}"
+                      for name in SUMMARY_METRICS if (value := metrics.get(name)) is not None)
+    return f"done: {shown or 'no new steps'}; checkpoint {result['checkpoint']}"

@@ -27,6 +27,7 @@ from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers, to_batch
 from nanochat_ray.train.worker import TrainSpec, check_stage, fit
 
+VAL_DOCS_PER_BATCH = 64  # documents tokenized at a time for the validation rows
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
 
@@ -37,9 +38,10 @@ def val_rows(val_shard: str, tokenizer: Tokenizer, cfg: Config, rank: int, world
     wanted = cfg.eval_tokens // cfg.seq_len  # rows over all workers
     stream: list[int] = []
     shard = pq.ParquetFile(val_shard)
-    for group in range(shard.num_row_groups):
-        texts = shard.read_row_group(group, columns=["text"]).column("text").to_pylist()
-        for ids in tokenizer.encode(texts, prepend="<|bos|>"):
+    # documents in small batches, stopping once there are enough tokens: a shard can be one row
+    # group of millions of characters, and the evaluation needs the first ~eval_tokens of it
+    for batch in shard.iter_batches(batch_size=VAL_DOCS_PER_BATCH, columns=["text"]):
+        for ids in tokenizer.encode(batch.column("text").to_pylist(), prepend="<|bos|>"):
             stream += ids
         if len(stream) >= wanted * row_len:
             break

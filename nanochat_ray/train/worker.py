@@ -14,6 +14,7 @@ path), in the format of checkpoint.py, so every later stage loads them without R
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,12 +27,12 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from nanochat_ray.checkpoint import (checkpoint_dir, describe_file, finalize_checkpoint, latest_step, load_checkpoint,
                                      mark_latest, read_checkpoint, step_name, write_checkpoint)
-from nanochat_ray.common import compute_dtype, init_ray, maybe_compile, peak_flops, print0
+from nanochat_ray.common import compute_dtype, init_ray, maybe_compile, peak_flops, print0, verbose
 from nanochat_ray.config import Config, ConfigError, validate
 from nanochat_ray.gpt import GPT, build_gpt
 from nanochat_ray.optim import build_optimizers
@@ -100,6 +101,10 @@ def dashboard_gauges(stage: str) -> dict:
 
 
 def train_worker(spec: TrainSpec) -> None:
+    if not verbose():
+        # Ray Train logs every report ("Reporting training result N: ...") through a logger named
+        # after its file, not under `ray.train`, so LoggingConfig misses it; it reaches the root logger
+        logging.getLogger().setLevel(logging.WARNING)
     cfg = spec.cfg
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -238,7 +243,10 @@ def fit(spec: TrainSpec, *, num_workers: int = 1, use_gpu: bool = False, cpus_pe
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=spec.stage_dir.name, storage_path=str(spec.stage_dir.parent),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=3), callbacks=callbacks),
+                             checkpoint_config=CheckpointConfig(num_to_keep=3), callbacks=callbacks,
+                             # Train's own INFO lines (resource requests, worker-group start, a
+                             # "Reporting training result" dump per step) only with --verbose
+                             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
     )
     result = trainer.fit()
     return {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None}
