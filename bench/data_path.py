@@ -7,9 +7,10 @@ workers, for pretraining, midtraining and SFT, with 1, 2 and 4 Ray Data actors.
 
 The workers are N Ray actors that do what a training worker does with its rows (ask for step s+1,
 take step s) except the step itself: a "step" takes no time (a stand-in for a GPU much faster than
-the pipeline), so the rate they are served at is the pipeline's ceiling. Then the same workers
-"compute" for a fixed time per step (sleep): the data-wait fraction at --step-seconds (d20's
-~0.5 s), and at the step time that asks for 90% of the measured ceiling (the rule below).
+the pipeline), so the rate they are served at is the pipeline's ceiling. From it, the steady-state
+data-wait fraction at --step-seconds (d20's ~0.5 s): a step lasts as long as the pipeline takes to
+make its rows when that is longer than the compute. Then the same workers "compute" (sleep) for
+the step time that asks for 90% of the ceiling, and the wait they measure checks the rule below.
 
 Printed per stage and actor count: seconds to the first rows (from the feeder's reset: the actor
 pool starting, the mixture loaded), the ceiling in tokens/s (real tokens: SFT's padding is not
@@ -59,9 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rows (mid, pretrain) or conversations (sft) of a step, over all workers "
                              "(d20 pretraining takes 256; fewer give more steps to measure)")
     parser.add_argument("--seconds", type=float, default=20.0,
-                        help="length of the ceiling measurement; its second half is measured (the first "
-                             "drains what the pipeline made ahead while it started)")
-    parser.add_argument("--steps", type=int, default=8, help="measured steps of each data-wait phase")
+                        help="length of the ceiling measurement (6 calls of 2 steps at least); its second "
+                             "half is measured (the first drains what the pipeline made ahead while it started)")
+    parser.add_argument("--steps", type=int, default=16,
+                        help="measured steps of the data-wait check (after as many to refill the pipeline)")
     parser.add_argument("--step-seconds", type=float, default=0.5, help="the step time of the data-wait figure")
     parser.add_argument("--vocab-size", type=int, default=65536)
     parser.add_argument("--tokenizer-dir", default=None, help="an existing tokenizer (default: train one)")
@@ -106,21 +108,21 @@ def measure(feeder, workers: list, args: argparse.Namespace) -> dict:
     chunk = 2  # steps per call: the rate is measured over many calls
     first = phase(workers, feeder, 0, chunk, 0.0)  # the actor pool starts, the mixture loads
     step, chunks = chunk, []
-    while not chunks or chunks[-1]["end"] - chunks[0]["start"] < args.seconds:
+    while len(chunks) < 6 or chunks[-1]["end"] - chunks[0]["start"] < args.seconds:
         chunks.append(phase(workers, feeder, step, chunk, 0.0))
         step += chunk
-    measured = [c for c in chunks if c["start"] >= chunks[0]["start"] + args.seconds / 2]
+    measured = chunks[len(chunks) // 2:]
     ceiling = sum(c["tokens"] for c in measured) / (measured[-1]["end"] - measured[0]["start"])
     tokens_per_step = first["tokens"] / chunk
-    result = {"first_rows": first["first_wait"], "ceiling": ceiling,
-              "ceiling_wait": statistics.mean(c["wait_fraction"] for c in measured),
-              "step_at_90": tokens_per_step / (HEADROOM * ceiling)}
-    for name, seconds in (("wait_at_step", args.step_seconds), ("wait_at_90", result["step_at_90"])):
-        # the ceiling phase emptied what the pipeline makes ahead: it refills while these steps run
-        phase(workers, feeder, step, args.steps, seconds)
-        result[name] = phase(workers, feeder, step + args.steps, args.steps, seconds)["wait_fraction"]
-        step += 2 * args.steps
-    return result
+    step_at_90 = tokens_per_step / (HEADROOM * ceiling)
+    # the ceiling phase emptied what the pipeline makes ahead: it refills while the first steps run
+    phase(workers, feeder, step, args.steps, step_at_90)
+    return {"first_rows": first["first_wait"], "ceiling": ceiling, "step_at_90": step_at_90,
+            "ceiling_wait": statistics.mean(c["wait_fraction"] for c in measured),
+            # in steady state a step lasts as long as the pipeline takes to make its rows, if longer
+            # than the compute: the wait is the difference
+            "wait_at_step": max(0.0, 1 - ceiling * args.step_seconds / tokens_per_step),
+            "wait_at_90": phase(workers, feeder, step + args.steps, args.steps, step_at_90)["wait_fraction"]}
 
 
 def make_feeder(stage: str, actors: int, args: argparse.Namespace, shards: list[Path], tokenizer_dir: Path,
@@ -162,9 +164,10 @@ def main(argv: list[str] | None = None) -> None:
         workers = [Worker.remote(rank) for rank in range(args.workers)]
         ray.get([w.__ray_ready__.remote() for w in workers])
         print(f"{args.workers} workers, steps of {args.rows_per_step} rows of {args.seq_len + 1} tokens "
-              f"(sft: conversations, cut to that); ceiling over {args.seconds:g} s, {args.steps} steps a "
-              f"data-wait phase (after as many to refill). 'waited': the workers' wait while the ceiling "
-              f"was measured (near 100%: the pipeline was the limit; lower: its buffer still lasted)\n")
+              f"(sft: conversations, cut to that); ceiling over {args.seconds:g} s; 'waited': the workers' "
+              f"wait then (near 100%: the pipeline was the limit; lower: its buffer still lasted); wait @"
+              f"{args.step_seconds:g}s: steady state, from the ceiling; wait @90%: measured over {args.steps} "
+              f"steps of the time in (step)\n")
         print(f"{'stage':8} {'actors':>6} {'first rows':>10} {'ceiling tok/s':>14} {'per actor':>10} {'waited':>7} "
               f"{'wait @' + format(args.step_seconds, 'g') + 's':>10} {'wait @90%':>10} {'(step)':>8}")
         results = {}
