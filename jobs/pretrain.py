@@ -17,7 +17,7 @@ from nanochat_ray.common import init_ray
 from nanochat_ray.config import config_from_args
 from nanochat_ray.data.download import shards_needed, start_downloads, train_and_val_shards
 from nanochat_ray.data.registry import resolve
-from nanochat_ray.train.cli import done_line, tokenizer_dir, training_parser
+from nanochat_ray.train.cli import add_data_actor_args, data_actor_options, done_line, tokenizer_dir, training_parser
 from nanochat_ray.train.pretrain import pretrain
 from nanochat_ray.train.worker import check_stage
 
@@ -26,10 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = training_parser(__doc__)
     parser.add_argument("--num-shards", type=int, default=None,
                         help="pretraining shards to use, val included (default: enough for the horizon)")
-    parser.add_argument("--data-actors", type=int, default=1, help="tokenizer actors in the Ray Data pool")
-    parser.add_argument("--data-actor-cpus", type=float, default=None,
-                        help="CPUs reserved by each tokenizer actor (default 1 with GPUs; 0 on CPU-only "
-                             "runs, where the actors share the workers' cores instead of starving them)")
+    add_data_actor_args(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     check_stage(cfg, "base", tokenizer_dir(args), args.num_workers, args.resume, args.fresh)  # before Ray starts
@@ -39,11 +36,10 @@ def main(argv: list[str] | None = None) -> dict:
     train_shards, val_shard = train_and_val_shards(downloads.paths)
     downloads.wait()
     core_bundle = resolve("core_eval_bundle", "all", args.data_root) if cfg.core_every > 0 else None
-    data_actor_cpus = args.data_actor_cpus if args.data_actor_cpus is not None else float(args.use_gpu)
     result = pretrain(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
                       train_shards=train_shards, val_shard=val_shard, tokenizer_dir=tokenizer_dir(args),
                       resume=args.resume, fresh=args.fresh, max_failures=args.max_failures,
-                      data_actors=args.data_actors, data_actor_cpus=data_actor_cpus, core_bundle=core_bundle,
+                      core_bundle=core_bundle, **data_actor_options(args),
                       fail_at_step=args.fail_at_step)
     print(done_line(result))
     return result

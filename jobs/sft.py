@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from nanochat_ray.config import Config, config_from_args
 from nanochat_ray.train.chat import chat_train
-from nanochat_ray.train.cli import done_line, tokenizer_dir, training_parser
+from nanochat_ray.train.cli import add_data_actor_args, data_actor_options, done_line, tokenizer_dir, training_parser
 
 
 def sft_defaults(preset: Config) -> dict:
@@ -27,11 +27,13 @@ def sft_defaults(preset: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = training_parser(__doc__).parse_args(argv)
+    parser = training_parser(__doc__)
+    add_data_actor_args(parser)
+    args = parser.parse_args(argv)
     result = chat_train("sft", config_from_args(args, sft_defaults), tokenizer_dir=tokenizer_dir(args),
                         data_root=args.data_root, num_workers=args.num_workers, use_gpu=args.use_gpu,
                         cpus_per_worker=args.cpus_per_worker, resume=args.resume, fresh=args.fresh,
-                        max_failures=args.max_failures, fail_at_step=args.fail_at_step)
+                        max_failures=args.max_failures, fail_at_step=args.fail_at_step, **data_actor_options(args))
     print(done_line(result))
     return result
 

@@ -9,15 +9,23 @@ import torch
 
 from nanochat_ray.checkpoint import build_model_from_checkpoint, checkpoint_dir, latest_step
 from nanochat_ray.config import ConfigError, make_config
+from nanochat_ray.data.pipeline import padded_rows
 from nanochat_ray.tasks import GSM8K
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.chat import ChatData, chat_train, packed_rows, padded_rows
+from nanochat_ray.train.chat import Fallbacks, chat_train, packed_rows, training_mixture
 from nanochat_ray.train.loop import PAD_ID, to_batch
-from nanochat_ray.train.loop import TrainState, to_batch
 from nanochat_ray.train.pretrain import pretrain
 from nanochat_ray.train.worker import METRICS_LOG
 
+from test_chat_stream import in_process
+
 MISSING = {"MMLU auxiliary_train", "ARC-Easy train", "ARC-Challenge train"}  # splits the offline mirror lacks
+
+
+def first_rows(stage, tokenizer_dir, data_root) -> np.ndarray:
+    """The rows of the stage's first step (one worker), as the stream serves them (tests/test_chat_stream.py)."""
+    mixture = training_mixture(stage, str(data_root), make_config("smoke").seed, Fallbacks(MISSING))
+    return in_process(stage, Tokenizer.from_directory(tokenizer_dir), mixture, 0, 0, 1)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +57,7 @@ def test_sft_starts_from_mid_and_saves(trained, smoke_tokenizer_dir, data_root):
     curve = losses(trained, "sft")
     assert len(curve) == 8 and all(np.isfinite(curve))
     # its first loss is the mid model's loss on SFT's first rows: it started from mid
-    data = ChatData("sft", str(smoke_tokenizer_dir), str(data_root), MISSING)
-    rows = data.open(make_config("smoke"), 0, 1, TrainState(), torch.device("cpu"))(0)()[0]
-    inputs, targets = to_batch(rows, torch.device("cpu"))
+    inputs, targets = to_batch(first_rows("sft", smoke_tokenizer_dir, data_root), torch.device("cpu"))
     mid, _ = build_model_from_checkpoint("mid", "d2", root=trained)
     with torch.no_grad():
         assert curve[0] == pytest.approx(mid(inputs, targets=targets).item(), rel=1e-4)
@@ -79,10 +85,8 @@ def test_packed_rows_keep_masks_and_order(smoke_tokenizer_dir, data_root):
 
 
 def test_midtraining_trains_on_every_token_sft_on_the_assistant(smoke_tokenizer_dir, data_root):
-    cfg = make_config("smoke")
     for stage in ("mid", "sft"):
-        data = ChatData(stage, str(smoke_tokenizer_dir), str(data_root), MISSING)
-        _, targets = to_batch(data.open(cfg, 0, 1, TrainState(), torch.device("cpu"))(0)()[0], torch.device("cpu"))
+        _, targets = to_batch(first_rows(stage, smoke_tokenizer_dir, data_root), torch.device("cpu"))
         if stage == "mid":  # as the reference's midtraining: user turns and special tokens are targets too
             assert (targets >= 0).all()
         else:
@@ -95,22 +99,6 @@ def test_padded_rows():
     inputs, targets = to_batch(rows, torch.device("cpu"))
     # padding goes in as token 0 and is never a target
     assert inputs.tolist() == [[1, 2], [4, 5], [6, 0]] and targets.tolist() == [[2, 3], [5, -1], [-1, -1]]
-
-
-def test_chat_data_is_the_same_for_one_and_two_workers(smoke_tokenizer_dir, data_root):
-    # step s covers the same rows whatever the split over workers
-    cfg = make_config("smoke")  # 4 rows per step
-    for stage in ("mid", "sft"):
-        data = ChatData(stage, str(smoke_tokenizer_dir), str(data_root), MISSING)
-        device = torch.device("cpu")
-        one = data.open(cfg, 0, 1, TrainState(), device)(1)()[0]
-        halves = [data.open(cfg, r, 2, TrainState(), device)(1)()[0] for r in range(2)]
-        if stage == "mid":
-            np.testing.assert_array_equal(np.concatenate(halves), one)
-        else:  # padded per worker: compare without the padding
-            for got, want in zip([row for h in halves for row in h], one):
-                n = min(got.shape[1], want.shape[1])
-                np.testing.assert_array_equal(got[:, :n], want[:, :n])
 
 
 def test_only_pretraining_clips_and_sft_keeps_muon_momentum_constant():

@@ -1,41 +1,59 @@
 """
-The pretraining data pipeline on Ray Data, and the feeder that hands it to the trainers.
+The data pipelines of every training stage on Ray Data, and the feeders that hand them to the trainers.
 
+Pretraining (BatchFeeder):
     shards ──► parquet row groups ──► map_batches(TokenizeAndPack, actor pool) ──► packed rows
            (one item each)            (tokenizer loaded once per actor;         (T+1 tokens each,
                                        <|bos|> before every document)           in order)
-    packed rows ──► BatchFeeder actor ──► slice k of each step goes to worker k % W
+Midtraining and SFT (ChatFeeder):
+    mixture ──► runs of conversations ──► map_batches(RenderConversations, actor pool) ──► rendered
+                (one item each)            (mixture and tokenizer built once per actor)   conversations
+    rendered conversations ──► mid: concatenated and cut into T+1-token rows (pack_rows)
+                           ──► sft: one conversation per row, padded per worker (padded_rows)
+Every stage:
+    rows ──► feeder actor ──► slice k of each step goes to worker k % W
 
 Why a feeder instead of `streaming_split`: a streaming split hands blocks to whichever
 worker asks first, so which rows make up a step depends on timing. Here step s always
-consumes the packed rows [s·R, (s+1)·R) (R = rows per optimizer step), whatever the number
+consumes the rows [s·R, (s+1)·R) (R = rows per optimizer step), whatever the number
 of workers, so 1 worker and N workers train on the same data, and the position saved in a
-checkpoint (epoch, row group, row within it) resumes the stream exactly: no row repeated or
-skipped. Tokenization still runs on an actor pool spread over the cluster's CPUs, streaming
-with back-pressure, while the GPUs train.
+checkpoint resumes the stream exactly: no row repeated or skipped. Tokenizing and rendering
+run on an actor pool spread over the cluster's CPUs, streaming with back-pressure, while the
+GPUs train; each worker receives only its own slice, and asks for step s+1 before computing s.
 
-Packing is done per row group (documents of one row group are concatenated and cut into
-T+1-token rows; the short remainder is dropped): it keeps every actor independent, and
-costs less than one row per 1,024 documents.
+Pretraining packs per row group (documents of one row group are concatenated and cut into
+T+1-token rows; the short remainder is dropped): it keeps every actor independent, and costs
+less than one row per 1,024 documents. Midtraining packs across conversations (a conversation
+may span two rows, and epochs run into each other), so the cut is made in order by the feeder:
+a numpy slice, next to the rendering the actors do.
 """
 
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray
+import torch.distributed as dist
 
+from nanochat_ray.config import Config
+from nanochat_ray.tasks import Task
 from nanochat_ray.tokenizer import Tokenizer
+from nanochat_ray.train.loop import PAD_ID, Batches, TrainState
+
+CONVERSATIONS_PER_ITEM = 256  # one Ray Data item: enough work per call, and the first rows come fast
+ITEMS_PER_STREAM = 1024  # whole epochs of a small mixture run in one stream: its actors start once
 
 
 @dataclass(frozen=True)
 class DataPosition:
-    """Where the stream stands: the next packed row to hand out."""
+    """Where the stream stands: the next row (or token) to hand out."""
     epoch: int = 0
-    item: int = 0  # index into the row-group list
-    row: int = 0  # packed row within that row group
+    item: int = 0  # pretraining: index into the row-group list; mid and sft: conversation of the mixture
+    row: int = 0  # pretraining: packed row within that row group
+    token: int = 0  # midtraining: tokens of that conversation already in rows
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,36 +99,113 @@ class TokenizeAndPack:
                 "item": np.array(order, dtype=np.int64), "row": np.array(offsets, dtype=np.int64)}
 
 
-def packed_rows(items: list[tuple[str, int]], tokenizer_dir: str, seq_len: int, start_item: int,
-                num_actors: int, actor_cpus: float) -> "ray.data.Dataset":
-    """Ray Data stream of packed rows for items[start_item:], in order."""
+def ordered_map(items: list[dict], actor: type, actor_kwargs: dict, num_actors: int,
+                actor_cpus: float) -> "ray.data.Dataset":
+    """Ray Data stream of `actor`'s output for each item (one per call, on a pool of actors), in item order."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # order is part of the data position
     ctx.enable_progress_bars = False  # the trainer logs its own progress
+    return ray.data.from_items(items).map_batches(
+        actor, fn_constructor_kwargs=actor_kwargs, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=actor_cpus)
+
+
+def packed_rows(items: list[tuple[str, int]], tokenizer_dir: str, seq_len: int, start_item: int,
+                num_actors: int, actor_cpus: float) -> "ray.data.Dataset":
+    """Ray Data stream of packed rows for items[start_item:], in order."""
     todo = [{"index": i, "shard": s, "row_group": g} for i, (s, g) in enumerate(items) if i >= start_item]
-    return ray.data.from_items(todo).map_batches(
-        TokenizeAndPack, fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": seq_len},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=actor_cpus)
+    return ordered_map(todo, TokenizeAndPack, {"tokenizer_dir": tokenizer_dir, "seq_len": seq_len},
+                       num_actors, actor_cpus)
+
+
+class RenderConversations:
+    """Ray Data actor: render conversations [start, stop) of a mixture as the tokenizer does for chat:
+    token ids, or with `masked` (2, n) ids and the assistant mask, cut to max_tokens."""
+
+    def __init__(self, mixture: Callable[[], Task], tokenizer_dir: str, max_tokens: int, masked: bool):
+        self.mixture = mixture()  # once per actor: loading the datasets takes seconds
+        self.tokenizer = Tokenizer.from_directory(tokenizer_dir)
+        self.max_tokens, self.masked = max_tokens, masked
+
+    def render(self, start: int, stop: int) -> list[np.ndarray]:
+        rendered = []
+        for i in range(start, stop):
+            ids, mask = self.tokenizer.render_conversation(self.mixture[i], self.max_tokens)
+            rendered.append(np.array([ids, mask] if self.masked else ids, dtype=np.int32))
+        return rendered
+
+    def __call__(self, batch: dict) -> dict:
+        epochs, index, tokens = [], [], []
+        for epoch, start, stop in zip(batch["epoch"], batch["start"], batch["stop"]):
+            epochs += [int(epoch)] * (int(stop) - int(start))
+            index += range(int(start), int(stop))
+            tokens += self.render(int(start), int(stop))
+        column = np.empty(len(tokens), dtype=object)  # one array per conversation, of its own length
+        for k, t in enumerate(tokens):
+            column[k] = t
+        return {"epoch": np.array(epochs, dtype=np.int64), "conversation": np.array(index, dtype=np.int64),
+                "tokens": column}
+
+
+class CountTokens(RenderConversations):
+    """Ray Data actor: the number of tokens of conversations [start, stop), rendered."""
+
+    def __call__(self, batch: dict) -> dict:
+        return {"tokens": np.array([sum(len(t) for start, stop in zip(batch["start"], batch["stop"])
+                                        for t in self.render(int(start), int(stop)))], dtype=np.int64)}
+
+
+def pack_rows(conversations: Iterable[tuple[Any, np.ndarray]], row_len: int) -> Iterator[tuple[np.ndarray, Any, int]]:
+    """Conversations (a key, and (n,) tokens or (2, n) tokens and mask) concatenated and cut into
+    rows of row_len tokens. Yields each row with the key of the last conversation read and how
+    many of its tokens are left over after the row: the row's position in the stream."""
+    pending: list[np.ndarray] = []
+    held = 0
+    for key, tokens in conversations:
+        pending.append(tokens)
+        held += tokens.shape[-1]
+        if held < row_len:
+            continue
+        joined = np.concatenate(pending, axis=-1)
+        full = held // row_len
+        for k in range(full):
+            # what is left over after a row is all from this conversation: before it came, fewer
+            # than row_len tokens were held
+            yield joined[..., k * row_len:(k + 1) * row_len], key, held - (k + 1) * row_len
+        pending = [joined[..., full * row_len:]]
+        held -= full * row_len
+
+
+def padded_rows(conversations: list) -> np.ndarray:
+    """(n, 2, longest) tokens and mask of conversations ((ids, mask) pairs or (2, n) arrays), padded
+    at the end with token PAD_ID (mask 0): the loop feeds it as token 0 and counts only the other
+    tokens in tokens/s and MFU."""
+    conversations = [np.asarray(c) for c in conversations]
+    rows = np.zeros((len(conversations), 2, max(c.shape[-1] for c in conversations)), dtype=np.int32)
+    rows[:, 0] = PAD_ID
+    for row, c in zip(rows, conversations):
+        row[:, :c.shape[-1]] = c
+    return rows
 
 
 # -----------------------------------------------------------------------------
 
 
-@ray.remote(num_cpus=0)
-class BatchFeeder:
-    """Serves each step's rows to the training workers in a fixed order.
+class StepFeeder:
+    """Serves each step's rows to the training workers in a fixed order (the Ray actors below).
 
     Step s is split into `world_size` slices of `rows_per_slice` rows; worker r gets slice r.
     Workers ask for step s+1 before computing step s, so the next rows are read while they
     compute; the buffer holds only the steps some worker has asked for and not all have taken.
+    Subclasses give the rows, each with the position after it, and how a slice's rows are batched.
     """
+    rows = None
 
-    def __init__(self, shards: list[str], tokenizer_dir: str, seq_len: int, num_actors: int = 1,
-                 actor_cpus: float = 0.5):
-        self.items = row_groups([Path(s) for s in shards])
-        self.tokenizer_dir, self.seq_len = tokenizer_dir, seq_len
-        self.num_actors, self.actor_cpus = num_actors, actor_cpus
-        self.rows = None
+    def _rows(self, position: DataPosition) -> Iterator[tuple[np.ndarray, DataPosition]]:
+        raise NotImplementedError
+
+    def _collate(self, rows: list[np.ndarray]) -> np.ndarray:
+        return np.stack(rows)
 
     def reset(self, position: dict, step: int, world_size: int, rows_per_slice: int) -> None:
         """Start (or restart, after a failure) serving from `position` at training step `step`."""
@@ -119,6 +214,36 @@ class BatchFeeder:
         self.next_step = step  # the step whose rows go into the buffer next
         self.buffer: dict[int, list] = {}  # step -> [slices, position after the step, workers served]
         self.rows = self._rows(self.position)
+
+    def get(self, step: int, rank: int) -> tuple[np.ndarray, dict]:
+        """Worker `rank`'s rows for `step` and the position after the step."""
+        if self.rows is None:
+            raise RuntimeError("call reset() before get()")
+        if step < self.next_step and step not in self.buffer:
+            raise RuntimeError(f"step {step} was already served to every worker; reset() to replay it")
+        while self.next_step <= step:
+            picked = [next(self.rows) for _ in range(self.world_size * self.rows_per_slice)]
+            n = self.rows_per_slice
+            slices = [self._collate([row for row, _ in picked[k * n:(k + 1) * n]]) for k in range(self.world_size)]
+            self.position = picked[-1][1]
+            self.buffer[self.next_step] = [slices, self.position, 0]
+            self.next_step += 1
+        entry = self.buffer[step]
+        entry[2] += 1
+        if entry[2] == self.world_size:
+            del self.buffer[step]  # every worker has its slice
+        return entry[0][rank], entry[1].to_dict()
+
+
+@ray.remote(num_cpus=0)
+class BatchFeeder(StepFeeder):
+    """Pretraining rows: int32 (rows_per_slice, T+1) per worker."""
+
+    def __init__(self, shards: list[str], tokenizer_dir: str, seq_len: int, num_actors: int = 1,
+                 actor_cpus: float = 0.5):
+        self.items = row_groups([Path(s) for s in shards])
+        self.tokenizer_dir, self.seq_len = tokenizer_dir, seq_len
+        self.num_actors, self.actor_cpus = num_actors, actor_cpus
 
     def _rows(self, position: DataPosition):
         """Packed rows from `position` on, epoch after epoch, each with the position after it."""
@@ -137,21 +262,78 @@ class BatchFeeder:
                                  "give more text or a shorter seq_len")
             position = DataPosition(position.epoch + 1, 0, 0)
 
-    def get(self, step: int, rank: int) -> tuple[np.ndarray, dict]:
-        """Worker `rank`'s rows for `step` (int32, (rows_per_slice, T+1)) and the position after the step."""
-        if self.rows is None:
-            raise RuntimeError("call reset() before get()")
-        if step < self.next_step and step not in self.buffer:
-            raise RuntimeError(f"step {step} was already served to every worker; reset() to replay it")
-        while self.next_step <= step:
-            picked = [next(self.rows) for _ in range(self.world_size * self.rows_per_slice)]
-            rows = np.stack([tokens for tokens, _ in picked])
-            slices = np.split(rows, self.world_size)
-            self.position = picked[-1][1]
-            self.buffer[self.next_step] = [slices, self.position, 0]
-            self.next_step += 1
-        entry = self.buffer[step]
-        entry[2] += 1
-        if entry[2] == self.world_size:
-            del self.buffer[step]  # every worker has its slice
-        return entry[0][rank], entry[1].to_dict()
+
+@ray.remote(num_cpus=0)
+class ChatFeeder(StepFeeder):
+    """Midtraining rows (`packed`): int32 (rows_per_slice, T+1), conversations concatenated;
+    SFT rows: int32 (rows_per_slice, 2, longest) tokens and assistant mask, one conversation
+    (cut to T+1 tokens) per row, padded to the slice's longest. Conversation i of epoch e is
+    mixture[i]; the mixture is built by `mixture()` on each rendering actor."""
+
+    def __init__(self, mixture: Callable[[], Task], size: int, tokenizer_dir: str, seq_len: int, packed: bool,
+                 num_actors: int = 1, actor_cpus: float = 0.5):
+        if size < 1:
+            raise ValueError("the conversation mixture is empty")
+        self.size, self.packed, self.row_len = size, packed, seq_len + 1
+        self.num_actors, self.actor_cpus = num_actors, actor_cpus
+        # as before streaming: midtraining renders whole conversations (up to 2,048 tokens) and
+        # packs them, SFT cuts each conversation to its row
+        self.render_kwargs = {"mixture": mixture, "tokenizer_dir": tokenizer_dir, "masked": not packed,
+                              "max_tokens": 2048 if packed else self.row_len}
+        self.token_count: int | None = None
+
+    def _stream(self, epoch: int, first: int, epochs: int, actor: type) -> "ray.data.Dataset":
+        """Runs of conversations from conversation `first` of `epoch`, through `epochs` epochs."""
+        per_item = CONVERSATIONS_PER_ITEM
+        runs = [{"epoch": e, "start": s, "stop": min(s + per_item, self.size)}
+                for e in range(epoch, epoch + epochs)
+                for s in range(first - first % per_item if e == epoch else 0, self.size, per_item)]
+        return ordered_map(runs, actor, self.render_kwargs, self.num_actors, self.actor_cpus)
+
+    def epoch_tokens(self) -> int:
+        """Tokens in one epoch of the mixture as midtraining renders it (its horizon, when not given)."""
+        if self.token_count is None:
+            self.token_count = int(self._stream(0, 0, 1, CountTokens).sum("tokens"))
+        return self.token_count
+
+    def _conversations(self, position: DataPosition) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
+        """((epoch, conversation, its length), its tokens not yet in a row), from `position` on, epoch after epoch."""
+        epoch, first, skip = position.epoch, position.item, position.token
+        if first >= self.size:  # SFT's position after the epoch's last conversation
+            epoch, first, skip = epoch + 1, 0, 0
+        epochs = max(1, ITEMS_PER_STREAM // -(-self.size // CONVERSATIONS_PER_ITEM))  # per stream
+        while True:
+            for batch in self._stream(epoch, first, epochs, RenderConversations).iter_batches(
+                    batch_size=None, batch_format="numpy", prefetch_batches=4):
+                for e, i, tokens in zip(batch["epoch"], batch["conversation"], batch["tokens"]):
+                    if (e, i) == (epoch, first):
+                        yield (int(e), int(i), tokens.shape[-1]), tokens[..., skip:]
+                    elif (e, i) > (epoch, first):  # (the run holding the saved position starts before it)
+                        yield (int(e), int(i), tokens.shape[-1]), tokens
+            epoch, first, skip = epoch + epochs, 0, 0
+
+    def _rows(self, position: DataPosition):
+        if self.packed:
+            for row, (epoch, i, length), left in pack_rows(self._conversations(position), self.row_len):
+                yield row, DataPosition(epoch, i, token=length - left)
+        else:
+            for (epoch, i, _), tokens in self._conversations(position):
+                yield tokens, DataPosition(epoch, i + 1)
+
+    def _collate(self, rows: list[np.ndarray]) -> np.ndarray:
+        return np.stack(rows) if self.packed else padded_rows(rows)
+
+
+def feeder_batches(feeder: "ray.actor.ActorHandle", cfg: Config, rank: int, world_size: int,
+                   state: TrainState) -> Batches:
+    """A training worker's rows from a feeder, from state.step / state.data_position on."""
+    if rank == 0:
+        ray.get(feeder.reset.remote(state.data_position, state.step, world_size,
+                                    cfg.grad_accum_steps(world_size) * cfg.device_batch_size))
+    if world_size > 1:
+        dist.barrier()  # nobody asks for rows before the feeder is at the right position
+
+    def batches(step: int):
+        ref = feeder.get.remote(step, rank)  # asked one step ahead: the rows are made while this step computes
+        return lambda: ray.get(ref)
+    return batches

@@ -6,23 +6,30 @@ Midtraining and SFT (SPEC §7, §9): the data source of the `mid` and `sft` stag
 
 Both render task mixtures with tokenizer.render_conversation. As in the reference, midtraining
 trains on every token of the packed conversations (and its val bpb counts them all); SFT trains
-only on what the assistant says (mask 1), tool outputs and user turns being context. Step s
-always takes the same rows (mid) or conversations (sft) of the seeded mixture, whatever the
-number of workers, so runs are reproducible and a resume continues exactly; the data position
-is the step.
+only on what the assistant says (mask 1), tool outputs and user turns being context.
+
+The driver starts a ChatFeeder (data/pipeline.py): Ray Data actors render the seeded mixture in
+order, while the workers train, and each worker receives only its slice of each step. Step s
+always takes the same rows (mid) or conversations (sft), whatever the number of workers, so runs
+are reproducible; the data position saved with a checkpoint (conversation, and for mid the tokens
+of it already trained on) makes a resume continue exactly.
 """
 
 import dataclasses
+import functools
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import ray
 import torch
 
 from nanochat_ray.checkpoint import checkpoint_dir, latest_step, load_checkpoint, step_name
-from nanochat_ray.common import autocast, compute_dtype
+from nanochat_ray.common import autocast, compute_dtype, init_ray
 from nanochat_ray.config import Config, ConfigError
+from nanochat_ray.data.pipeline import ChatFeeder, feeder_batches, pack_rows
 from nanochat_ray.data.registry import DataUnavailableError, mirror_root
 from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.evals.chat import evaluate_categorical, load_eval_task
@@ -30,7 +37,7 @@ from nanochat_ray.gpt import GPT
 from nanochat_ray.tasks import (ARC, GSM8K, MMLU, Identity, SimpleSpelling, SmolTalk, SpellingBee, Task,
                                 TaskMixture)
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.loop import PAD_ID, Batches, Periodic, TrainState, sum_over_workers, to_batch
+from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers, to_batch
 from nanochat_ray.train.worker import TrainSpec, check_stage, fit
 
 PREVIOUS = {"mid": "base", "sft": "mid"}
@@ -87,39 +94,21 @@ def packed_rows(task: Task, tokenizer: Tokenizer, row_len: int, masked: bool = F
     """Conversations (rendered as the reference, up to 2,048 tokens each) concatenated and cut
     into rows, epoch after epoch: (row_len,) tokens, every target counting (midtraining), or with
     `masked` (2, row_len) tokens and the assistant mask."""
-    ids: list[int] = []
-    mask: list[int] = []
-    while True:
-        for i in range(len(task)):
-            conversation_ids, conversation_mask = tokenizer.render_conversation(task[i])
-            ids += conversation_ids
-            mask += conversation_mask
-            while len(ids) >= row_len:
-                yield np.array([ids[:row_len], mask[:row_len]] if masked else ids[:row_len], dtype=np.int32)
-                del ids[:row_len], mask[:row_len]
-
-
-def padded_rows(conversations: list[tuple[list[int], list[int]]]) -> np.ndarray:
-    """(n, 2, longest) tokens and mask, padded at the end with token PAD_ID (mask 0): the loop
-    feeds it as token 0 and counts only the other tokens in tokens/s and MFU."""
-    longest = max(len(ids) for ids, _ in conversations)
-    rows = np.zeros((len(conversations), 2, longest), dtype=np.int32)
-    rows[:, 0] = PAD_ID
-    for row, (ids, mask) in zip(rows, conversations):
-        row[0, :len(ids)], row[1, :len(mask)] = ids, mask
-    return rows
+    def rendered():
+        for i in itertools.cycle(range(len(task))):
+            ids, mask = tokenizer.render_conversation(task[i])
+            yield i, np.array([ids, mask] if masked else ids, dtype=np.int32)
+    return (row for row, _, _ in pack_rows(rendered(), row_len))
 
 
 @dataclass
 class ChatData:
-    """The rows of a chat stage, built on each worker from the seeded mixture."""
+    """The rows of a chat stage, from the driver's ChatFeeder; val bpb on the validation mixture."""
     stage: str  # mid (packed) or sft (padded)
     tokenizer_dir: str
     data_root: str | None
-    missing: set[str]  # splits the driver found missing, replaced by their stand-ins
-
-    def mixture(self, cfg: Config) -> TaskMixture:
-        return training_mixture(self.stage, self.data_root, cfg.seed, Fallbacks(self.missing))
+    feeder: "ray.actor.ActorHandle"
+    conversations: int  # in one epoch of the mixture
 
     def _rows_per_step(self, cfg: Config) -> int:
         return cfg.total_batch_size // cfg.seq_len
@@ -127,39 +116,17 @@ class ChatData:
     def iterations(self, cfg: Config, model: GPT) -> int:
         if cfg.num_iterations > 0:
             return cfg.num_iterations
-        mixture = self.mixture(cfg)
         if self.stage == "sft":  # one epoch of conversations
-            return max(1, len(mixture) // self._rows_per_step(cfg))
-        tokenizer = Tokenizer.from_directory(self.tokenizer_dir)
-        tokens = sum(len(tokenizer.render_conversation(mixture[i])[0]) for i in range(len(mixture)))
-        return max(1, tokens // ((cfg.seq_len + 1) * self._rows_per_step(cfg)))  # one epoch of packed rows
+            return max(1, self.conversations // self._rows_per_step(cfg))
+        # one epoch of packed rows: the feeder's actors count the tokens (started by the driver)
+        tokens = ray.get(self.feeder.epoch_tokens.remote())
+        return max(1, tokens // ((cfg.seq_len + 1) * self._rows_per_step(cfg)))
 
     def open(self, cfg: Config, rank: int, world_size: int, state: TrainState, device: torch.device) -> Batches:
-        tokenizer = Tokenizer.from_directory(self.tokenizer_dir)
-        mixture = self.mixture(cfg)
-        per_step, share = self._rows_per_step(cfg), self._rows_per_step(cfg) // world_size
-        if self.stage == "sft":
-            def take(step: int) -> np.ndarray:
-                first = step * per_step + rank * share
-                return padded_rows([tokenizer.render_conversation(mixture[i % len(mixture)], cfg.seq_len + 1)
-                                    for i in range(first, first + share)])
-        else:
-            stream = packed_rows(mixture, tokenizer, cfg.seq_len + 1)
-            consumed = 0  # global rows already drawn from the stream
-
-            def take(step: int) -> np.ndarray:
-                # every worker walks the whole stream (rendering is cheap next to a training step)
-                # and keeps its own share of each step
-                nonlocal consumed
-                first = step * per_step + rank * share
-                for _ in range(first - consumed):
-                    next(stream)
-                consumed = first + share
-                return np.stack([next(stream) for _ in range(share)])
-
-        def batches(step: int):
-            return lambda: (take(step), {"step": step + 1})
-        return batches
+        if "step" in state.data_position:
+            raise ConfigError(f"this {self.stage} checkpoint was written before chat data streamed (its data "
+                              "position is a step): start the stage over with --fresh")
+        return feeder_batches(self.feeder, cfg, rank, world_size, state)
 
     def evaluations(self, cfg: Config, model: GPT, tokenizer: Tokenizer, rank: int, world_size: int,
                     device: torch.device) -> Periodic:
@@ -195,6 +162,15 @@ class ChatData:
                 for q in SAMPLE_QUESTIONS]
 
 
+def chat_feeder(stage: str, cfg: Config, tokenizer_dir: Path, data_root: str | None, missing: set[str],
+                conversations: int, data_actors: int = 1, data_actor_cpus: float = 0.5) -> "ray.actor.ActorHandle":
+    """The ChatFeeder of a stage: `data_actors` Ray Data actors render its mixture (built on each,
+    with the stand-ins for the `missing` splits the driver found)."""
+    mixture = functools.partial(training_mixture, stage, data_root, cfg.seed, Fallbacks(missing))
+    return ChatFeeder.remote(mixture, conversations, str(tokenizer_dir), cfg.seq_len, stage == "mid",
+                             data_actors, data_actor_cpus)
+
+
 def previous_checkpoint(previous: str, cfg: Config, artifact_root: Path | None = None) -> Path:
     """The latest checkpoint of the stage a stage starts from; an error naming the job to run if
     there is none, or if its model differs from cfg's."""
@@ -214,8 +190,8 @@ def previous_checkpoint(previous: str, cfg: Config, artifact_root: Path | None =
 
 def chat_train(stage: str, cfg: Config, *, tokenizer_dir: Path, data_root: str | None = None,
                num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0, resume: bool = False,
-               fresh: bool = False, max_failures: int = 2, artifact_root: Path | None = None,
-               fail_at_step: int | None = None) -> dict:
+               fresh: bool = False, max_failures: int = 2, data_actors: int = 1, data_actor_cpus: float = 0.5,
+               artifact_root: Path | None = None, fail_at_step: int | None = None) -> dict:
     """Midtrain (stage "mid", from the latest base checkpoint) or SFT (stage "sft", from mid)."""
     stage_dir = check_stage(cfg, stage, tokenizer_dir, num_workers, resume, fresh, artifact_root)
     start_from = previous_checkpoint(PREVIOUS[stage], cfg, artifact_root)
@@ -224,8 +200,16 @@ def chat_train(stage: str, cfg: Config, *, tokenizer_dir: Path, data_root: str |
     fallbacks = Fallbacks()
     mixture = training_mixture(stage, mirror, cfg.seed, fallbacks)  # missing data fails here, before Ray
     print(f"{stage}: {len(mixture):,} conversations, starting from {start_from}")
-    data = ChatData(stage, str(tokenizer_dir), mirror, fallbacks.missing)
+    init_ray()
+    feeder = chat_feeder(stage, cfg, tokenizer_dir, mirror, fallbacks.missing, len(mixture), data_actors,
+                         data_actor_cpus)
+    if stage == "mid" and cfg.num_iterations <= 0:
+        feeder.epoch_tokens.remote()  # the horizon: counted on the data actors while the workers start
+    data = ChatData(stage, str(tokenizer_dir), mirror, feeder, len(mixture))
     spec = TrainSpec(stage, cfg, stage_dir, data, resume=resume, init_from=start_from,
                      fail_at_step=fail_at_step)
-    return fit(spec, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
-               max_failures=max_failures)
+    try:
+        return fit(spec, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                   max_failures=max_failures)
+    finally:
+        ray.kill(feeder)

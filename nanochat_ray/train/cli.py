@@ -25,6 +25,20 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_data_actor_args(parser: argparse.ArgumentParser) -> None:
+    """The Ray Data actor pool that tokenizes (pretraining) or renders (mid, sft) the training rows."""
+    parser.add_argument("--data-actors", type=int, default=1, help="actors in the Ray Data pool")
+    parser.add_argument("--data-actor-cpus", type=float, default=None,
+                        help="CPUs reserved by each data actor (default 1 with GPUs; 0 on CPU-only "
+                             "runs, where the actors share the workers' cores instead of starving them)")
+
+
+def data_actor_options(args: argparse.Namespace) -> dict:
+    """data_actors and data_actor_cpus for pretrain() and chat_train()."""
+    cpus = args.data_actor_cpus if args.data_actor_cpus is not None else float(args.use_gpu)
+    return {"data_actors": args.data_actors, "data_actor_cpus": cpus}
+
+
 def tokenizer_dir(args: argparse.Namespace) -> Path:
     return args.tokenizer_dir or base_dir() / "tokenizer"
 

@@ -58,6 +58,12 @@ def to_batch(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torc
     return rows[:, :-1], rows[:, 1:]
 
 
+def real_tokens(rows: np.ndarray) -> int:
+    """Input positions whose next token is real, not padding (SFT pads rows to their longest
+    conversation): what tokens/s counts. A pretraining row of T+1 tokens has T."""
+    return int((rows[:, 0, 1:] != PAD_ID).sum()) if rows.ndim == 3 else rows.shape[0] * (rows.shape[-1] - 1)
+
+
 def sum_over_workers(value: torch.Tensor) -> torch.Tensor:
     if rank_world()[1] > 1:
         dist.all_reduce(value)
@@ -100,10 +106,7 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
             pending = batches(step + 1)  # the next rows arrive while this step computes
         micro_batches = [to_batch(rows[m * micro_rows:(m + 1) * micro_rows], device) for m in range(accum)]
         counts = [(targets >= 0).sum() for _, targets in micro_batches]
-        # real tokens: positions whose next token is not padding (SFT pads rows to their longest
-        # conversation); a pretraining row of T+1 tokens has T
-        real = int((rows[:, 0, 1:] != PAD_ID).sum()) if rows.ndim == 3 else rows.shape[0] * (rows.shape[-1] - 1)
-        totals = sum_over_workers(torch.stack([sum(counts), torch.tensor(real, device=device)]))
+        totals = sum_over_workers(torch.stack([sum(counts), torch.tensor(real_tokens(rows), device=device)]))
         # (at least 1: a step of SFT rows cut before the assistant speaks has nothing to learn)
         counted = totals[0].clamp(min=1)
         if cfg.loss_weighting == "token":

@@ -15,11 +15,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
-import torch.distributed as dist
 
 from nanochat_ray.common import autocast, compute_dtype, init_ray
 from nanochat_ray.config import Config, ConfigError
-from nanochat_ray.data.pipeline import BatchFeeder, row_groups
+from nanochat_ray.data.pipeline import BatchFeeder, feeder_batches, row_groups
 from nanochat_ray.evals import core
 from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.gpt import GPT
@@ -65,16 +64,7 @@ class PretrainData:
         return cfg.iterations(model.num_params(), model.estimate_flops())
 
     def open(self, cfg: Config, rank: int, world_size: int, state: TrainState, device: torch.device) -> Batches:
-        if rank == 0:
-            ray.get(self.feeder.reset.remote(state.data_position, state.step, world_size,
-                                             cfg.grad_accum_steps(world_size) * cfg.device_batch_size))
-        if world_size > 1:
-            dist.barrier()  # nobody asks for rows before the feeder is at the right position
-
-        def batches(step: int):
-            ref = self.feeder.get.remote(step, rank)
-            return lambda: ray.get(ref)
-        return batches
+        return feeder_batches(self.feeder, cfg, rank, world_size, state)
 
     def evaluations(self, cfg: Config, model: GPT, tokenizer: Tokenizer, rank: int, world_size: int,
                     device: torch.device) -> Periodic:
