@@ -46,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokenizer-dir", default=None, help="a tokenizer with the cpu preset's vocab (default: "
                                                               "train one; kept with --keep for the next time)")
     parser.add_argument("--job-args", default="", help="extra flags for jobs/pretrain.py")
+    parser.add_argument("--baseline-dir", default=None,
+                        help="another checkout (e.g. `git archive` of an older commit): its job is submitted "
+                             "in turn with this one's, for a before/after comparison on the same head")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (tokenizer, artifacts, head log)")
     return parser.parse_args()
 
@@ -108,13 +111,14 @@ def train_tokenizer(data_root: Path, out: Path) -> None:
     print(f"tokenizer: vocab {cfg.vocab_size:,} trained in {time.perf_counter() - start:.1f} s", flush=True)
 
 
-def submit(address: str, base: Path, data_root: Path, tokenizer_dir: Path, args: argparse.Namespace) -> dict:
+def submit(address: str, base: Path, data_root: Path, tokenizer_dir: Path, args: argparse.Namespace,
+           checkout: Path = REPO) -> dict:
     """One `ray job submit`; returns seconds to step 1 and the job's startup breakdown."""
     runtime_env = {"env_vars": {"NANOCHAT_BASE_DIR": str(base), "NANOCHAT_DATA": str(data_root),
                                 "RAY_API_SERVER_ADDRESS": address},
                    "excludes": [".git", ".venv", "**/__pycache__"]}
     command = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", address,
-               "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+               "--working-dir", str(checkout), "--runtime-env-json", json.dumps(runtime_env), "--",
                sys.executable, "jobs/pretrain.py", "--preset", "cpu", "--num-iterations", str(args.steps), "--fresh",
                "--tokenizer-dir", str(tokenizer_dir), "--sample-every", "0", "--eval-every", "0",
                *args.job_args.split()]
@@ -146,16 +150,26 @@ def main() -> None:
         head, address = start_head(temp, args.num_cpus or os.cpu_count())
         print(f"head: ray start --head up in {time.perf_counter() - t:.1f} s at {address}; "
               f"load avg {os.getloadavg()[0]:.1f}", flush=True)
-        results = []
+        results, baseline = [], []
         for run in range(args.runs):
+            if args.baseline_dir:  # interleaved, so that both see the same machine load
+                b = submit(address, temp / "baseline", data_root, tokenizer_dir, args, Path(args.baseline_dir).resolve())
+                baseline.append(b["first_step"])
+                print(f"run {run + 1}: baseline submit -> step 1 {b['first_step']:.1f} s; "
+                      f"load avg {os.getloadavg()[0]:.1f}", flush=True)
             r = submit(address, temp / "artifacts", data_root, tokenizer_dir, args)
             results.append(r)
             phases = r["breakdown"] or {}
             shown = " | ".join(f"{name} {seconds:.1f}" for name, seconds in phases.get("phases", {}).items())
+            driver = f"submit -> driver {phases['marks']['process'] - r['submitted']:.1f} | " if phases else ""
             print(f"run {run + 1}: submit -> step 1 {r['first_step']:.1f} s"
-                  + (f"  [{shown}]" if shown else "  (the job printed no startup breakdown)")
+                  + (f"  [{driver}{shown}; pipeline first rows {phases.get('pipeline first rows', float('nan')):.1f}]"
+                     if shown else "  (the job printed no startup breakdown)")
                   + f"; load avg {os.getloadavg()[0]:.1f}", flush=True)
         firsts = [r["first_step"] for r in results]
+        if baseline:
+            print(f"\nbaseline ({args.baseline_dir}): median {statistics.median(baseline):.1f} s; this checkout: "
+                  f"median {statistics.median(firsts):.1f} s; ratio {statistics.median(baseline) / statistics.median(firsts):.2f}x")
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                    "unknown CPU")
         print(f"\nsubmit -> first step, cpu preset, {len(firsts)} runs on one warm head ({cpu}, "

@@ -124,11 +124,20 @@ def check_shared_storage(marker: str, node: str) -> None:
 
 def background_peak_flops(device: torch.device, dtype: torch.dtype):
     """The MFU denominator, measured on a thread so that the probe (a second of matmuls on CPU) is
-    not on the way to the first step; returns a function giving it, or None while it runs."""
+    not on the way to the first step. Returns a function giving it: at step 1 None if the probe
+    still runs, from step 2 on it waits for the probe (it overlapped the model build and step 1)."""
     found: list[float] = []
     thread = threading.Thread(target=lambda: found.append(peak_flops(device, dtype)), daemon=True)
     thread.start()
-    return lambda: found[0] if found else None
+    calls = 0
+
+    def peak() -> float | None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            thread.join()
+        return found[0] if found else None
+    return peak
 
 
 def truncate_metrics(path: Path, step: int) -> None:
