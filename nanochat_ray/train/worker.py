@@ -4,7 +4,8 @@ The Ray Train side of every training stage (base, mid, sft): one worker function
 A stage is a TrainSpec: its config, where its checkpoints go, what it starts from, and a data
 source. `fit(spec, ...)` runs a TorchTrainer whose workers each:
   - build the model and the distributed optimizers (gradients sync in optim.py, no DDP wrapper),
-  - start from Ray's checkpoint after a worker failure, else the stage's latest with --resume,
+  - start from Ray's checkpoint after a worker failure, else the stage's latest (--resume, or a restart
+    whose last checkpoint Ray had not registered yet),
     else the previous stage's weights (mid, sft), else a fresh init (base),
   - open the data source at the saved data position and run train/loop.py,
   - report metrics every step and a checkpoint every cfg.save_every steps.
@@ -171,7 +172,9 @@ def train_worker(spec: TrainSpec) -> None:
         with ray_checkpoint.as_directory() as directory:
             model_state, optim_state, meta = read_checkpoint(directory, device, rank)
         resumed_from = ray_checkpoint.path
-    elif spec.resume and latest_step(spec.stage_dir) is not None:
+    elif latest_step(spec.stage_dir) is not None:
+        # --resume; or a restart after a failure that came before Ray registered the last checkpoint
+        # (its report is collected asynchronously). check_stage left only this run's steps here.
         model_state, optim_state, meta = load_checkpoint(spec.stage_dir, device=device, rank=rank)
         resumed_from = spec.stage_dir / step_name(meta["step"])
     if resumed_from is not None:
