@@ -8,6 +8,10 @@ trains the GPT with DDP-style distributed optimizers across workers.
 Needs a tokenizer (jobs/tokenizer.py) and the pretraining shards (downloaded or in --data-root).
 """
 
+import time
+
+LAUNCHED = time.time()  # before the imports below: they are part of the start-up breakdown
+
 import sys
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from nanochat_ray.train.worker import PLACEMENT_STRATEGIES, check_stage
 
 
 def main(argv: list[str] | None = None) -> dict:
+    startup.mark("process", LAUNCHED)
     startup.mark("main")
     parser = training_parser(__doc__)
     parser.add_argument("--num-shards", type=int, default=None,

@@ -39,7 +39,7 @@ def node_loss(shards, smoke_tokenizer_dir, tmp_path_factory) -> dict:
     try:
         run = subprocess.run([sys.executable, str(SCENARIO), str(result), str(tmp / "artifacts"),
                               str(smoke_tokenizer_dir), str(shards[0]), str(shards[1]), str(STEPS)],
-                             env=env, capture_output=True, text=True, timeout=300)
+                             env=env, capture_output=True, text=True, timeout=600)
     finally:
         subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]

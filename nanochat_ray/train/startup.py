@@ -11,23 +11,17 @@ bench/startup.py reads the printed line and adds the time from `ray job submit` 
 import json
 import time
 
-import psutil
-
 MARKS: dict[str, float] = {}  # this driver process's marks, time.time() each
 
 # (phase, mark it ends at, mark it starts at): one after the other on the way to step 1
+# ("process": the job module's first line, before its imports)
 PHASES = (("driver start", "main", "process"), ("ray init", "ray", "main"), ("checks", "fit", "ray"),
           ("worker group start", "worker", "fit"), ("model build", "loop", "worker"), ("first step", "step1", "loop"))
 
 
-def mark(name: str) -> None:
-    """Note that `name` happened now (the first time only: a re-run of the same phase keeps the first)."""
-    MARKS.setdefault(name, time.time())
-
-
-def driver_marks() -> dict[str, float]:
-    """This process's marks, with its start (the interpreter's launch, imports included)."""
-    return {"process": psutil.Process().create_time()} | MARKS
+def mark(name: str, at: float | None = None) -> None:
+    """Note that `name` happened now, or `at` (the first time only: a re-run keeps the first)."""
+    MARKS.setdefault(name, time.time() if at is None else at)
 
 
 def breakdown(marks: dict[str, float]) -> dict:

@@ -311,7 +311,7 @@ def fit(spec: TrainSpec, *, num_workers: int = 1, use_gpu: bool = False, cpus_pe
     init_ray()
     marker = write_storage_marker(spec.stage_dir)
     spec = dataclasses.replace(spec, storage_marker=str(marker),
-                               startup=startup.driver_marks() | {"fit": time.time()})
+                               startup=startup.MARKS | {"fit": time.time()})
     resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_worker, train_loop_config=spec,
