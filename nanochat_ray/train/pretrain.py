@@ -9,6 +9,7 @@ first rows are read while they start; then it runs the stage with train/worker.p
 asks the feeder for its rows one step ahead and measures val bits per byte on the last shard.
 """
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from nanochat_ray.checkpoint import META_FILE, latest_step, step_name
 from nanochat_ray.common import autocast, compute_dtype, init_ray
 from nanochat_ray.config import Config, ConfigError
-from nanochat_ray.data.pipeline import BatchFeeder, get_within, row_groups
+from nanochat_ray.data.pipeline import DOCS_PER_ITEM, BatchFeeder, get_within, row_groups
 from nanochat_ray.evals import core
 from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.gpt import GPT
@@ -41,12 +42,14 @@ def val_rows(val_shard: str, tokenizer: Tokenizer, cfg: Config, rank: int, world
     wanted = cfg.eval_tokens // cfg.seq_len  # rows over all workers
     stream: list[int] = []
     shard = pq.ParquetFile(val_shard)
-    for group in range(shard.num_row_groups):
-        texts = shard.read_row_group(group, columns=["text"]).column("text").to_pylist()
-        for ids in tokenizer.encode(texts, prepend="<|bos|>"):
-            stream += ids
-        if len(stream) >= wanted * row_len:
+    texts = (text for group in range(shard.num_row_groups)
+             for text in shard.read_row_group(group, columns=["text"]).column("text").to_pylist())
+    while len(stream) < wanted * row_len:  # a few documents at a time: only as many as the rows need
+        chunk = list(itertools.islice(texts, DOCS_PER_ITEM))
+        if not chunk:
             break
+        for ids in tokenizer.encode(chunk, prepend="<|bos|>"):
+            stream += ids
     available = len(stream) // row_len
     if available < world_size:
         raise ValueError(f"validation shard {val_shard} holds {available} rows of {row_len} tokens, "
@@ -85,11 +88,16 @@ class PretrainData:
                     device: torch.device) -> Periodic:
         """Val bpb every cfg.eval_every steps; CORE (cfg.core_max_per_task examples of each task,
         shared over the workers) every cfg.core_every steps."""
-        val = val_rows(self.val_shard, tokenizer, cfg, rank, world_size)
-        val_batches = [to_batch(val[i:i + cfg.device_batch_size], device)
-                       for i in range(0, len(val), cfg.device_batch_size)]
         token_bytes = tokenizer.token_bytes().to(device)
         ctx = autocast(device, compute_dtype(cfg.dtype, device))
+        val_batches: list = []
+
+        def val_bpb() -> dict:
+            if not val_batches:  # tokenized at the first evaluation, not on the way to step 1
+                val = val_rows(self.val_shard, tokenizer, cfg, rank, world_size)
+                val_batches.extend(to_batch(val[i:i + cfg.device_batch_size], device)
+                                   for i in range(0, len(val), cfg.device_batch_size))
+            return {"val_bpb": evaluate_bpb(model, val_batches, token_bytes, ctx)}
 
         def core_metric() -> dict:
             tasks = core.load_core_tasks(self.core_bundle)
@@ -101,7 +109,7 @@ class PretrainData:
                     counts[task.label] = sum_over_workers(torch.tensor(local, device=device)).tolist()
             return {"core": core.core_results(tasks, counts)["core"]}
 
-        return [(cfg.eval_every, lambda: {"val_bpb": evaluate_bpb(model, val_batches, token_bytes, ctx)}),
+        return [(cfg.eval_every, val_bpb),
                 (cfg.core_every if self.core_bundle else -1, core_metric)]
 
     def sample_prompts(self, tokenizer: Tokenizer) -> list[list[int]]:
