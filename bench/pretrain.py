@@ -174,7 +174,8 @@ def summarize(lines: list[dict], warmup: int) -> dict:
     return {
         "steps": len(steps),
         "tokens_per_second": statistics.median(m["tokens_per_second"] for m in steady),
-        "mfu": statistics.median(m["mfu"] for m in steady),
+        # (MFU is missing from the first steps while the worker still probes its peak)
+        "mfu": statistics.median([m["mfu"] for m in steady if "mfu" in m] or [float("nan")]),
         "step_ms": 1000 * statistics.median(m["step_seconds"] for m in steady),
         "data_wait": statistics.fmean(m["data_wait_fraction"] for m in after_first),
         "data_wait_max": max(m["data_wait_fraction"] for m in after_first),

@@ -8,6 +8,10 @@ trains the GPT with DDP-style distributed optimizers across workers.
 Needs a tokenizer (jobs/tokenizer.py) and the pretraining shards (downloaded or in --data-root).
 """
 
+import time
+
+LAUNCHED = time.time()  # before the imports below: they are part of the start-up breakdown
+
 import sys
 from pathlib import Path
 
@@ -17,20 +21,27 @@ from nanochat_ray.common import init_ray
 from nanochat_ray.config import config_from_args
 from nanochat_ray.data.download import shards_needed, start_downloads, train_and_val_shards
 from nanochat_ray.data.registry import resolve
+from nanochat_ray.train import startup
 from nanochat_ray.train.cli import add_data_actor_args, data_actor_options, done_line, tokenizer_dir, training_parser
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.train.worker import check_stage
+from nanochat_ray.train.worker import PLACEMENT_STRATEGIES, check_stage
 
 
 def main(argv: list[str] | None = None) -> dict:
+    startup.mark("process", LAUNCHED)
+    startup.mark("main")
     parser = training_parser(__doc__)
     parser.add_argument("--num-shards", type=int, default=None,
                         help="pretraining shards to use, val included (default: enough for the horizon)")
     add_data_actor_args(parser)
+    parser.add_argument("--placement-strategy", choices=PLACEMENT_STRATEGIES, default="PACK",
+                        help="how the workers are placed over nodes: PACK (fewest nodes), SPREAD (most nodes), "
+                             "STRICT_* (wait until that holds)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     check_stage(cfg, "base", tokenizer_dir(args), args.num_workers, args.resume, args.fresh)  # before Ray starts
     init_ray()
+    startup.mark("ray")
     # shards already fetched by jobs/tokenizer.py are skipped; a mirror's are used in place
     downloads = start_downloads(args.num_shards or shards_needed(cfg), args.data_root)
     train_shards, val_shard = train_and_val_shards(downloads.paths)
@@ -40,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
                       train_shards=train_shards, val_shard=val_shard, tokenizer_dir=tokenizer_dir(args),
                       resume=args.resume, fresh=args.fresh, max_failures=args.max_failures,
                       core_bundle=core_bundle, **data_actor_options(args),
-                      fail_at_step=args.fail_at_step)
+                      fail_at_step=args.fail_at_step, placement_strategy=args.placement_strategy)
     print(done_line(result))
     return result
 

@@ -21,14 +21,22 @@ checkpoint resumes the stream exactly: no row repeated or skipped. Tokenizing an
 run on an actor pool spread over the cluster's CPUs, streaming with back-pressure, while the
 GPUs train; each worker receives only its own slice, and asks for step s+1 before computing s.
 
-Pretraining packs per row group (documents of one row group are concatenated and cut into
+Pretraining's stream items are slices of at most DOCS_PER_ITEM documents of one row group, so
+the first rows come after tokenizing a few documents, not a whole row group (one row group can
+be a whole shard). Packing is done per item (its documents are concatenated and cut into
 T+1-token rows; the short remainder is dropped): it keeps every actor independent, and costs
-less than one row per 1,024 documents. Midtraining packs across conversations (a conversation
+less than one row per DOCS_PER_ITEM documents. Midtraining packs across conversations (a conversation
 may span two rows, and epochs run into each other), so the cut is made in order by the feeder:
 a numpy slice, next to the rendering the actors do.
+
+The feeders are restartable: when a feeder's node is lost Ray starts it again elsewhere, empty;
+the training workers' next call then fails, Ray Train restarts them from the last checkpoint,
+and rank 0's reset() puts the feeder at that checkpoint's data position.
 """
 
 import dataclasses
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -45,37 +53,41 @@ from nanochat_ray.train.loop import PAD_ID, Batches, TrainState
 
 CONVERSATIONS_PER_ITEM = 256  # one Ray Data item: enough work per call, and the first rows come fast
 ITEMS_PER_STREAM = 1024  # whole epochs of a small mixture run in one stream: its actors start once
+DOCS_PER_ITEM = 128  # pretraining documents per stream item: the first rows wait for this many, not a row group
+FEEDER_TIMEOUT_S = 600.0  # a call to the feeder that takes longer is an error, not a silent hang
 
 
 @dataclass(frozen=True)
 class DataPosition:
     """Where the stream stands: the next row (or token) to hand out."""
     epoch: int = 0
-    item: int = 0  # pretraining: index into the row-group list; mid and sft: conversation of the mixture
-    row: int = 0  # pretraining: packed row within that row group
+    item: int = 0  # pretraining: index into the item list (row-group slices of DOCS_PER_ITEM documents); mid and sft: conversation of the mixture
+    row: int = 0  # pretraining: packed row within that item
     token: int = 0  # midtraining: tokens of that conversation already in rows
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def row_groups(shards: list[Path]) -> list[tuple[str, int]]:
-    """Every (shard, row group) pair, in order; a corrupt shard fails here, by name."""
+def row_groups(shards: list[Path]) -> list[tuple[str, int, int]]:
+    """Every item (shard, row group, first document), in order: row groups cut into slices of
+    DOCS_PER_ITEM documents. Reads only the footers; a corrupt shard fails here, by name."""
     items = []
     for shard in shards:
         try:
-            count = pq.ParquetFile(shard).num_row_groups
+            meta = pq.ParquetFile(shard).metadata
         except Exception as e:  # pyarrow raises several types for damaged files
             raise ValueError(f"pretraining shard {shard} is unreadable ({e}); delete it and run "
                              "the download again (jobs/tokenizer.py or jobs/pretrain.py fetch it)") from e
-        items += [(str(shard), g) for g in range(count)]
+        items += [(str(shard), g, first) for g in range(meta.num_row_groups)
+                  for first in range(0, meta.row_group(g).num_rows, DOCS_PER_ITEM)]
     if not items:
         raise ValueError("no pretraining shards: download them with jobs/tokenizer.py or point --data-root at a mirror")
     return items
 
 
 class TokenizeAndPack:
-    """Ray Data actor: read a row group, tokenize it with <|bos|> per document, pack rows."""
+    """Ray Data actor: read an item's documents, tokenize them with <|bos|> each, pack rows."""
 
     def __init__(self, tokenizer_dir: str, seq_len: int):
         self.tokenizer = Tokenizer.from_directory(tokenizer_dir)  # once per actor, not per batch
@@ -83,9 +95,10 @@ class TokenizeAndPack:
 
     def __call__(self, batch: dict) -> dict:
         rows, order, offsets = [], [], []
-        for index, shard, group in zip(batch["index"], batch["shard"], batch["row_group"]):
+        for index, shard, group, first in zip(batch["index"], batch["shard"], batch["row_group"], batch["first"]):
             try:
-                texts = pq.ParquetFile(shard).read_row_group(int(group), columns=["text"]).column("text").to_pylist()
+                texts = pq.ParquetFile(shard).read_row_group(int(group), columns=["text"]).column("text")
+                texts = texts.slice(int(first), DOCS_PER_ITEM).to_pylist()
             except Exception as e:
                 raise ValueError(f"pretraining shard {shard} row group {group} is unreadable ({e}); "
                                  "delete the shard and download it again") from e
@@ -110,10 +123,10 @@ def ordered_map(items: list[dict], actor: type, actor_kwargs: dict, num_actors: 
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=actor_cpus)
 
 
-def packed_rows(items: list[tuple[str, int]], tokenizer_dir: str, seq_len: int, start_item: int,
+def packed_rows(items: list[tuple[str, int, int]], tokenizer_dir: str, seq_len: int, start_item: int,
                 num_actors: int, actor_cpus: float) -> "ray.data.Dataset":
     """Ray Data stream of packed rows for items[start_item:], in order."""
-    todo = [{"index": i, "shard": s, "row_group": g} for i, (s, g) in enumerate(items) if i >= start_item]
+    todo = [{"index": i, "shard": s, "row_group": g, "first": f} for i, (s, g, f) in enumerate(items) if i >= start_item]
     return ordered_map(todo, TokenizeAndPack, {"tokenizer_dir": tokenizer_dir, "seq_len": seq_len},
                        num_actors, actor_cpus)
 
@@ -195,11 +208,17 @@ class StepFeeder:
     """Serves each step's rows to the training workers in a fixed order (the Ray actors below).
 
     Step s is split into `world_size` slices of `rows_per_slice` rows; worker r gets slice r.
-    Workers ask for step s+1 before computing step s, so the next rows are read while they
-    compute; the buffer holds only the steps some worker has asked for and not all have taken.
-    Subclasses give the rows, each with the position after it, and how a slice's rows are batched.
+    reset() returns at once and a thread reads the first step's rows, so the driver can start
+    the pipeline while the training workers start. Workers ask for step s+1 before computing
+    step s, so the next rows are read while they compute; the buffer holds only the steps some
+    worker has asked for and not all have taken. Subclasses give the rows, each with the
+    position after it, and how a slice's rows are batched.
     """
-    rows = None
+
+    def __init__(self):
+        self.rows, self.started, self.fill_error = None, None, None
+        self.lock = threading.Lock()  # the warm-up thread and get() fill the buffer in turn
+        self.first_rows_at: float | None = None  # time.time() when the first step's rows were ready
 
     def _rows(self, position: DataPosition) -> Iterator[tuple[np.ndarray, DataPosition]]:
         raise NotImplementedError
@@ -208,39 +227,74 @@ class StepFeeder:
         return np.stack(rows)
 
     def reset(self, position: dict, step: int, world_size: int, rows_per_slice: int) -> None:
-        """Start (or restart, after a failure) serving from `position` at training step `step`."""
-        self.position = DataPosition(**position)
-        self.world_size, self.rows_per_slice = world_size, rows_per_slice
-        self.next_step = step  # the step whose rows go into the buffer next
-        self.buffer: dict[int, list] = {}  # step -> [slices, position after the step, workers served]
-        self.rows = self._rows(self.position)
+        """Start (or restart, after a failure) serving from `position` at training step `step`.
 
-    def get(self, step: int, rank: int) -> tuple[np.ndarray, dict]:
-        """Worker `rank`'s rows for `step` and the position after the step."""
-        if self.rows is None:
-            raise RuntimeError("call reset() before get()")
-        if step < self.next_step and step not in self.buffer:
-            raise RuntimeError(f"step {step} was already served to every worker; reset() to replay it")
+        A reset to where the feeder already stands, before any row was served, keeps what it has
+        read (the driver's reset and rank 0's, on a first start)."""
+        request = (position, step, world_size, rows_per_slice)
+        with self.lock:
+            if request == self.started and self.untouched:
+                return
+            self.started, self.untouched = request, True
+            self.position = DataPosition(**position)
+            self.world_size, self.rows_per_slice = world_size, rows_per_slice
+            self.next_step = step  # the step whose rows go into the buffer next
+            self.buffer: dict[int, list] = {}  # step -> [slices, position after the step, workers served]
+            self.rows = self._rows(self.position)
+            self.first_rows_at, self.fill_error = None, None
+        threading.Thread(target=self._fill, args=(step, self.rows), daemon=True).start()
+
+    def _fill(self, step: int, rows) -> None:
+        """Read `step`'s rows into the buffer, unless a newer reset came first (an error is raised
+        by the next get())."""
+        with self.lock:
+            if rows is self.rows:
+                try:
+                    self._read_through(step)
+                except Exception as e:
+                    self.fill_error = e
+
+    def _read_through(self, step: int) -> None:
+        n = self.rows_per_slice
         while self.next_step <= step:
-            picked = [next(self.rows) for _ in range(self.world_size * self.rows_per_slice)]
-            n = self.rows_per_slice
+            picked = [next(self.rows) for _ in range(self.world_size * n)]
             slices = [self._collate([row for row, _ in picked[k * n:(k + 1) * n]]) for k in range(self.world_size)]
             self.position = picked[-1][1]
             self.buffer[self.next_step] = [slices, self.position, 0]
             self.next_step += 1
-        entry = self.buffer[step]
-        entry[2] += 1
-        if entry[2] == self.world_size:
-            del self.buffer[step]  # every worker has its slice
-        return entry[0][rank], entry[1].to_dict()
+            self.first_rows_at = self.first_rows_at or time.time()
+
+    def get(self, step: int, rank: int) -> tuple[np.ndarray, dict]:
+        """Worker `rank`'s rows for `step` and the position after the step."""
+        with self.lock:
+            if self.rows is None:
+                raise RuntimeError("the data feeder has no position: it was just (re)started, e.g. after its node "
+                                   "was lost; the training workers restart from the last checkpoint, which resets it")
+            if self.fill_error is not None:
+                raise self.fill_error
+            if step < self.next_step and step not in self.buffer:
+                raise RuntimeError(f"step {step} was already served to every worker; reset() to replay it")
+            self.untouched = False
+            self._read_through(step)
+            entry = self.buffer[step]
+            entry[2] += 1
+            if entry[2] == self.world_size:
+                del self.buffer[step]  # every worker has its slice
+            return entry[0][rank], entry[1].to_dict()
+
+    def first_rows_time(self) -> float | None:
+        """time.time() at which the first step's rows were ready (for the start-up breakdown)."""
+        return self.first_rows_at
 
 
-@ray.remote(num_cpus=0)
+# max_restarts=-1: Ray brings a feeder back after its node is lost (empty: see the module docstring)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class BatchFeeder(StepFeeder):
     """Pretraining rows: int32 (rows_per_slice, T+1) per worker."""
 
     def __init__(self, shards: list[str], tokenizer_dir: str, seq_len: int, num_actors: int = 1,
                  actor_cpus: float = 0.5):
+        super().__init__()
         self.items = row_groups([Path(s) for s in shards])
         self.tokenizer_dir, self.seq_len = tokenizer_dir, seq_len
         self.num_actors, self.actor_cpus = num_actors, actor_cpus
@@ -254,7 +308,7 @@ class BatchFeeder(StepFeeder):
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
                 for tokens, item, row in zip(batch["tokens"], batch["item"], batch["row"]):
                     if (item, row) < (position.item, position.row):
-                        continue  # rows before the saved position, inside its row group
+                        continue  # rows before the saved position, inside its item
                     produced = True
                     yield tokens, DataPosition(position.epoch, int(item), int(row) + 1)
             if not produced and (position.item, position.row) == (0, 0):
@@ -263,7 +317,7 @@ class BatchFeeder(StepFeeder):
             position = DataPosition(position.epoch + 1, 0, 0)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class ChatFeeder(StepFeeder):
     """Midtraining rows (`packed`): int32 (rows_per_slice, T+1), conversations concatenated;
     SFT rows: int32 (rows_per_slice, 2, longest) tokens and assistant mask, one conversation
@@ -274,6 +328,7 @@ class ChatFeeder(StepFeeder):
                  num_actors: int = 1, actor_cpus: float = 0.5):
         if size < 1:
             raise ValueError("the conversation mixture is empty")
+        super().__init__()
         self.size, self.packed, self.row_len = size, packed, seq_len + 1
         self.num_actors, self.actor_cpus = num_actors, actor_cpus
         # as before streaming: midtraining renders whole conversations (up to 2,048 tokens) and
@@ -327,13 +382,29 @@ class ChatFeeder(StepFeeder):
 def feeder_batches(feeder: "ray.actor.ActorHandle", cfg: Config, rank: int, world_size: int,
                    state: TrainState) -> Batches:
     """A training worker's rows from a feeder, from state.step / state.data_position on."""
-    if rank == 0:
-        ray.get(feeder.reset.remote(state.data_position, state.step, world_size,
-                                    cfg.grad_accum_steps(world_size) * cfg.device_batch_size))
+    if rank == 0:  # a no-op when the driver already started the feeder here (a first start)
+        get_within(feeder.reset.remote(state.data_position, state.step, world_size, rows_per_slice(cfg, world_size)),
+                   "reset")
     if world_size > 1:
         dist.barrier()  # nobody asks for rows before the feeder is at the right position
 
     def batches(step: int):
         ref = feeder.get.remote(step, rank)  # asked one step ahead: the rows are made while this step computes
-        return lambda: ray.get(ref)
+        return lambda: get_within(ref, f"step {step}'s rows")
     return batches
+
+
+def rows_per_slice(cfg: Config, world_size: int) -> int:
+    """Rows each worker takes per optimizer step."""
+    return cfg.grad_accum_steps(world_size) * cfg.device_batch_size
+
+
+def get_within(ref: "ray.ObjectRef", what: str, timeout: float = FEEDER_TIMEOUT_S):
+    """ray.get with a deadline: a feeder that stopped answering fails the step, loudly, instead of
+    hanging the training workers (which Ray Train then restarts from the last checkpoint)."""
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.GetTimeoutError as e:
+        raise TimeoutError(f"the data feeder gave no answer for {what} in {timeout:.0f} s: its pipeline is stuck "
+                           "or starved of CPUs (see the Ray dashboard's actors and the data actors' logs)") from e
+

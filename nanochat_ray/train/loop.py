@@ -71,12 +71,13 @@ def sum_over_workers(value: torch.Tensor) -> torch.Tensor:
 
 
 def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batches: Batches,
-        report: Report, state: TrainState, num_iterations: int, peak_flops: float,
+        report: Report, state: TrainState, num_iterations: int, peak_flops: float | Callable[[], float | None],
         step_model: torch.nn.Module | None = None, periodic: Periodic = ()) -> TrainState:
     """Train from state.step to num_iterations; returns the final state.
 
     `step_model` is what the forward calls (e.g. the compiled model); `model` owns the weights.
-    `peak_flops` is one worker's peak, for MFU. Each (every, function) of `periodic` (val bpb,
+    `peak_flops` is one worker's peak, for MFU (or a function giving it, None while it is being
+    measured: MFU is left out of those steps' metrics). Each (every, function) of `periodic` (val bpb,
     CORE, samples) runs every `every` steps (never when ≤ 0) and at the end; its dict joins the
     metrics.
     """
@@ -135,14 +136,15 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
         state.train_seconds += step_seconds
         state.loss_ema = ema_beta * state.loss_ema + (1 - ema_beta) * loss_value
         tokens_per_second = int(totals[1]) / step_seconds  # real tokens: padding is work, not tokens
+        peak = peak_flops() if callable(peak_flops) else peak_flops
         metrics = {
             "step": state.step, "loss": loss_value,
             "loss_ema": state.loss_ema / (1 - ema_beta ** state.step),  # de-biased
             "lr_multiplier": multiplier, "step_seconds": step_seconds,
             "tokens_per_second": tokens_per_second,
-            "mfu": tokens_per_second * flops_per_token / (peak_flops * world_size),
             "data_wait_fraction": waited / step_seconds, "train_seconds": state.train_seconds,
-        } | ({"grad_norm": grad_norm} if grad_norm is not None else {})
+        } | ({"grad_norm": grad_norm} if grad_norm is not None else {}) \
+          | ({"mfu": tokens_per_second * flops_per_token / (peak * world_size)} if peak else {})
         last = state.step == num_iterations
         for every, extra in periodic:
             if every > 0 and (state.step % every == 0 or last):
@@ -151,7 +153,7 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
                 model.train()
         eta = (num_iterations - state.step) * (time.perf_counter() - run_start) / (state.step - first_step)
         print0(f"step {state.step:05d}/{num_iterations} | loss {metrics['loss_ema']:.4f} | lrm {multiplier:.2f} | "
-               f"{step_seconds * 1000:.0f} ms | {tokens_per_second:,.0f} tok/s | mfu {100 * metrics['mfu']:.1f}% | "
+               f"{step_seconds * 1000:.0f} ms | {tokens_per_second:,.0f} tok/s | mfu {100 * metrics.get('mfu', float('nan')):.1f}% | "
                f"data wait {100 * metrics['data_wait_fraction']:.1f}% | eta {eta / 60:.1f} min"
                + (f" | val bpb {metrics['val_bpb']:.4f}" if "val_bpb" in metrics else ""))
         report(metrics, state, last or (cfg.save_every > 0 and state.step % cfg.save_every == 0))

@@ -4,10 +4,12 @@ Base-model pretraining: the data source of the `base` stage, and its driver.
     python jobs/pretrain.py --preset cpu --num-workers 2 --total-batch-size 2048
 
 The driver starts a BatchFeeder (data/pipeline.py: Ray Data tokenizes the shards on an actor
-pool while the workers train) and runs the stage with train/worker.py. Each worker asks the
-feeder for its rows one step ahead and measures val bits per byte on the last shard.
+pool while the workers train) at the run's data position before it starts the workers, so the
+first rows are read while they start; then it runs the stage with train/worker.py. Each worker
+asks the feeder for its rows one step ahead and measures val bits per byte on the last shard.
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +18,15 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from nanochat_ray.checkpoint import META_FILE, latest_step, step_name
 from nanochat_ray.common import autocast, compute_dtype, init_ray
 from nanochat_ray.config import Config, ConfigError
-from nanochat_ray.data.pipeline import BatchFeeder, feeder_batches, row_groups
+from nanochat_ray.data.pipeline import BatchFeeder, feeder_batches, get_within, row_groups, rows_per_slice
 from nanochat_ray.evals import core
 from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.gpt import GPT
 from nanochat_ray.tokenizer import Tokenizer
+from nanochat_ray.train import startup
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers, to_batch
 from nanochat_ray.train.worker import TrainSpec, check_stage, fit
 
@@ -66,15 +70,23 @@ class PretrainData:
     def open(self, cfg: Config, rank: int, world_size: int, state: TrainState, device: torch.device) -> Batches:
         return feeder_batches(self.feeder, cfg, rank, world_size, state)
 
+    def first_rows_time(self) -> float | None:
+        return get_within(self.feeder.first_rows_time.remote(), "its first rows' time")
+
     def evaluations(self, cfg: Config, model: GPT, tokenizer: Tokenizer, rank: int, world_size: int,
                     device: torch.device) -> Periodic:
         """Val bpb every cfg.eval_every steps; CORE (cfg.core_max_per_task examples of each task,
         shared over the workers) every cfg.core_every steps."""
-        val = val_rows(self.val_shard, tokenizer, cfg, rank, world_size)
-        val_batches = [to_batch(val[i:i + cfg.device_batch_size], device)
-                       for i in range(0, len(val), cfg.device_batch_size)]
         token_bytes = tokenizer.token_bytes().to(device)
         ctx = autocast(device, compute_dtype(cfg.dtype, device))
+        val_batches: list = []
+
+        def val_bpb() -> dict:
+            if not val_batches:  # tokenized at the first evaluation, not on the way to step 1
+                val = val_rows(self.val_shard, tokenizer, cfg, rank, world_size)
+                val_batches.extend(to_batch(val[i:i + cfg.device_batch_size], device)
+                                   for i in range(0, len(val), cfg.device_batch_size))
+            return {"val_bpb": evaluate_bpb(model, val_batches, token_bytes, ctx)}
 
         def core_metric() -> dict:
             tasks = core.load_core_tasks(self.core_bundle)
@@ -86,35 +98,52 @@ class PretrainData:
                     counts[task.label] = sum_over_workers(torch.tensor(local, device=device)).tolist()
             return {"core": core.core_results(tasks, counts)["core"]}
 
-        return [(cfg.eval_every, lambda: {"val_bpb": evaluate_bpb(model, val_batches, token_bytes, ctx)}),
+        return [(cfg.eval_every, val_bpb),
                 (cfg.core_every if self.core_bundle else -1, core_metric)]
 
     def sample_prompts(self, tokenizer: Tokenizer) -> list[list[int]]:
         return [tokenizer.encode(prompt, prepend="<|bos|>") for prompt in SAMPLE_PROMPTS]
 
 
+def start_state(stage_dir: Path, resume: bool) -> tuple[int, dict]:
+    """(step, data position) the run starts from: the latest checkpoint's with --resume."""
+    step = latest_step(stage_dir) if resume else None
+    if step is None:
+        return 0, TrainState().data_position
+    meta = json.loads((stage_dir / step_name(step) / META_FILE).read_text())
+    return meta["train_state"]["step"], meta["train_state"]["data_position"]
+
+
 def pretrain(cfg: Config, *, num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
              train_shards: list[Path], val_shard: Path, tokenizer_dir: Path, resume: bool = False,
              fresh: bool = False, max_failures: int = 2, data_actors: int = 1, data_actor_cpus: float = 0.5,
              core_bundle: Path | None = None, artifact_root: Path | None = None,
-             fail_at_step: int | None = None, callbacks: list | None = None) -> dict:
+             fail_at_step: int | None = None, callbacks: list | None = None, placement_strategy: str = "PACK",
+             feeder_options: dict | None = None) -> dict:
     """Run base pretraining with Ray Train; returns the final metrics and checkpoint path.
 
     Every input is checked before Ray starts (a local Ray is started when none is running).
     `core_bundle` (the DCLM eval bundle directory) is needed when cfg.core_every > 0. `callbacks`
     go to Ray Train's RunConfig (jobs/sweep.py forwards each report to Tune this way).
+    `placement_strategy` places the workers over nodes (worker.fit); `feeder_options` are Ray
+    actor options of the BatchFeeder (e.g. a scheduling strategy that keeps it on the head).
     """
     stage_dir = check_stage(cfg, "base", tokenizer_dir, num_workers, resume, fresh, artifact_root)
     row_groups(train_shards + [val_shard])  # a missing or corrupt shard fails here, by name
     if cfg.core_every > 0 and core_bundle is None:
         raise ConfigError("core_every > 0 needs the CORE eval bundle (core_bundle); or pass --core-every -1")
     init_ray()
-    feeder = BatchFeeder.remote([str(p) for p in train_shards], str(tokenizer_dir), cfg.seq_len,
-                                data_actors, data_actor_cpus)
+    startup.mark("ray")
+    feeder = BatchFeeder.options(**(feeder_options or {})).remote(
+        [str(p) for p in train_shards], str(tokenizer_dir), cfg.seq_len, data_actors, data_actor_cpus)
+    # the pipeline reads the first step's rows while the workers start (rank 0's reset is then a no-op)
+    step, position = start_state(stage_dir, resume)
+    startup.mark("pipeline")
+    feeder.reset.remote(position, step, num_workers, rows_per_slice(cfg, num_workers))
     data = PretrainData(feeder, str(tokenizer_dir), str(val_shard), str(core_bundle) if core_bundle else None)
     try:
         return fit(TrainSpec("base", cfg, stage_dir, data, resume=resume, fail_at_step=fail_at_step),
                    num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
-                   max_failures=max_failures, callbacks=callbacks)
+                   max_failures=max_failures, callbacks=callbacks, placement_strategy=placement_strategy)
     finally:
         ray.kill(feeder)

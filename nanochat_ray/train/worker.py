@@ -4,12 +4,18 @@ The Ray Train side of every training stage (base, mid, sft): one worker function
 A stage is a TrainSpec: its config, where its checkpoints go, what it starts from, and a data
 source. `fit(spec, ...)` runs a TorchTrainer whose workers each:
   - build the model and the distributed optimizers (gradients sync in optim.py, no DDP wrapper),
-  - start from Ray's checkpoint after a worker failure, else the stage's latest with --resume,
+  - start from Ray's checkpoint after a worker failure, else the stage's latest (--resume, or a restart
+    whose last checkpoint Ray had not registered yet),
     else the previous stage's weights (mid, sft), else a fresh init (base),
   - open the data source at the saved data position and run train/loop.py,
   - report metrics every step and a checkpoint every cfg.save_every steps.
 Checkpoints land in <base_dir>/checkpoints/<stage>/<model_tag>/step_NNNNNN (the Ray run's storage
 path), in the format of checkpoint.py, so every later stage loads them without Ray.
+
+On a cluster the artifact root must be storage every node sees: fit() writes a marker file there
+and every worker reads it before anything else, so a node without the shared mount fails the
+run at start-up, naming the node, instead of at its first checkpoint. Workers are placed with
+the placement strategy given to fit() (PACK by default; SPREAD or STRICT_SPREAD over nodes).
 """
 
 import dataclasses
@@ -18,7 +24,9 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -32,14 +40,17 @@ from ray.train.torch import TorchTrainer
 
 from nanochat_ray.checkpoint import (checkpoint_dir, describe_file, finalize_checkpoint, latest_step, load_checkpoint,
                                      mark_latest, read_checkpoint, step_name, write_checkpoint)
-from nanochat_ray.common import compute_dtype, init_ray, maybe_compile, peak_flops, print0, verbose
+from nanochat_ray.common import compute_dtype, init_ray, maybe_compile, peak_flops, print0, verbose, write_atomic
 from nanochat_ray.config import Config, ConfigError, validate
 from nanochat_ray.gpt import GPT, build_gpt
 from nanochat_ray.optim import build_optimizers
 from nanochat_ray.tokenizer import Tokenizer
+from nanochat_ray.train import startup
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, run, sample_greedy
 
-METRICS_LOG = "metrics.jsonl"  # one line per step, appended by rank 0 (a resumed step appears again)
+METRICS_LOG = "metrics.jsonl"  # one line per step, by rank 0; a restart cuts it back to the checkpoint's step
+STORAGE_MARKERS = ".shared-storage"  # under the artifact root: one marker file per running fit()
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 DASHBOARD_METRICS = ("loss_ema", "tokens_per_second", "mfu", "data_wait_fraction", "step", "val_bpb",
                      "core", "mmlu_acc", "arc_easy_acc")  # the evaluations during training, when a stage runs them
 
@@ -71,6 +82,8 @@ class TrainSpec:
     resume: bool = False
     init_from: Path | None = None  # a previous stage's checkpoint directory (weights only)
     fail_at_step: int | None = None  # test-only: the last rank exits hard after this step
+    storage_marker: str | None = None  # set by fit(): the marker file every worker must see
+    startup: dict | None = None  # set by fit(): the driver's start-up marks (train/startup.py)
 
 
 class NullLogger:
@@ -100,6 +113,43 @@ def dashboard_gauges(stage: str) -> dict:
 # the per-worker function
 
 
+def check_shared_storage(marker: str, node: str) -> None:
+    """The worker's side of the shared-storage check: the driver's marker must be visible here."""
+    if not Path(marker).is_file():
+        root = Path(marker).parent.parent
+        raise RuntimeError(
+            f"the artifact root {root} on node {node} is not the storage the driver writes to (its marker "
+            f"{Path(marker).name} is missing here): checkpoints and artifacts must live on storage every node "
+            "mounts at the same path. Mount the shared file system on every node and point NANOCHAT_BASE_DIR "
+            "into it (cluster.yaml mounts EFS at /mnt/efs; README, Cluster).")
+
+
+def background_peak_flops(device: torch.device, dtype: torch.dtype):
+    """The MFU denominator, measured on a thread so that the probe (a second of matmuls on CPU) is
+    not on the way to the first step. Returns a function giving it: at step 1 None if the probe
+    still runs, from step 2 on it waits for the probe (it overlapped the model build and step 1)."""
+    found: list[float] = []
+    thread = threading.Thread(target=lambda: found.append(peak_flops(device, dtype)), daemon=True)
+    thread.start()
+    calls = 0
+
+    def peak() -> float | None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            thread.join()
+        return found[0] if found else None
+    return peak
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of steps <= `step`: a restart from a checkpoint runs the later ones again,
+    and the log then holds each step once, as the run that continues computed it."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        write_atomic(path, "".join(line + "\n" for line in lines))
+
+
 def train_worker(spec: TrainSpec) -> None:
     if not verbose():
         # Ray Train logs every report ("Reporting training result N: ...") through a logger named
@@ -108,8 +158,12 @@ def train_worker(spec: TrainSpec) -> None:
     cfg = spec.cfg
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    marks = dict(spec.startup or {}) | {"worker": time.time()}
+    if spec.storage_marker is not None:
+        check_shared_storage(spec.storage_marker, ray.get_runtime_context().get_node_id())
     device = ray.train.torch.get_device()
     dtype = compute_dtype(cfg.dtype, device)
+    peak = background_peak_flops(device, dtype)
     torch.manual_seed(cfg.seed)
 
     model = build_gpt(cfg.gpt_config(), device)
@@ -123,7 +177,9 @@ def train_worker(spec: TrainSpec) -> None:
         with ray_checkpoint.as_directory() as directory:
             model_state, optim_state, meta = read_checkpoint(directory, device, rank)
         resumed_from = ray_checkpoint.path
-    elif spec.resume and latest_step(spec.stage_dir) is not None:
+    elif latest_step(spec.stage_dir) is not None:
+        # --resume; or a restart after a failure that came before Ray registered the last checkpoint
+        # (its report is collected asynchronously). check_stage left only this run's steps here.
         model_state, optim_state, meta = load_checkpoint(spec.stage_dir, device=device, rank=rank)
         resumed_from = spec.stage_dir / step_name(meta["step"])
     if resumed_from is not None:
@@ -136,6 +192,9 @@ def train_worker(spec: TrainSpec) -> None:
         model_state, _, meta = read_checkpoint(spec.init_from, device, load_optimizer=False)
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_state.items()})
         print0(f"starting from {spec.init_from}")
+    if rank == 0:
+        truncate_metrics(spec.stage_dir / METRICS_LOG, state.step)
+    first_step = state.step + 1
 
     tokenizer = Tokenizer.from_directory(spec.data.tokenizer_dir)
     num_iterations = spec.data.iterations(cfg, model)
@@ -152,6 +211,9 @@ def train_worker(spec: TrainSpec) -> None:
     logger, gauges = make_logger(cfg, spec.stage, rank), dashboard_gauges(spec.stage) if rank == 0 else {}
 
     def report(metrics: dict, state: TrainState, save: bool) -> None:
+        if state.step == first_step and rank == 0:
+            rows_at = spec.data.first_rows_time() if hasattr(spec.data, "first_rows_time") else None
+            print0(startup.format_breakdown(marks | {"step1": time.time()} | ({"rows": rows_at} if rows_at else {})))
         logger.log(metrics, step=state.step)
         if rank == 0:  # the run's history, for the report card and for comparing runs
             with open(spec.stage_dir / METRICS_LOG, "a") as f:
@@ -178,7 +240,8 @@ def train_worker(spec: TrainSpec) -> None:
     # graph and no extra tokens (CPU, Dynamo's counters; README, Benchmarks). Pretraining and
     # midtraining rows are packed to seq_len: static.
     step_model = maybe_compile(model, cfg.compile, device, dynamic=spec.stage == "sft")
-    run(cfg, model, optimizers, batches, report, state, num_iterations, peak_flops(device, dtype),
+    marks["loop"] = time.time()
+    run(cfg, model, optimizers, batches, report, state, num_iterations, peak,
         step_model=step_model, periodic=[*evaluations, (cfg.sample_every, sample)])
 
 
@@ -230,17 +293,35 @@ def check_stage(cfg: Config, stage: str, tokenizer_dir: Path, num_workers: int =
     return stage_dir
 
 
+def write_storage_marker(stage_dir: Path) -> Path:
+    """A marker file under the artifact root (<root>/checkpoints/<stage>/<tag> is the stage dir),
+    unique to this fit() so that concurrent runs (a sweep's trials) never remove each other's."""
+    marker = stage_dir.parents[2] / STORAGE_MARKERS / f"{stage_dir.parent.name}-{stage_dir.name}-{uuid.uuid4().hex}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(marker, f"written by the driver on {os.uname().nodename}\n")
+    return marker
+
+
 def fit(spec: TrainSpec, *, num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
-        max_failures: int = 2, callbacks: list | None = None) -> dict:
+        max_failures: int = 2, callbacks: list | None = None, placement_strategy: str = "PACK") -> dict:
     """Run one training stage on Ray Train; returns the final metrics and checkpoint path.
 
     `callbacks` go to the RunConfig (e.g. Tune's TuneReportCallback when a sweep runs the stage).
+    `placement_strategy` places the workers' bundles over nodes (PACK: as few nodes as possible;
+    SPREAD: over as many as possible; STRICT_*: or wait until that is possible).
     """
+    if placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ConfigError(f"placement strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                          f"got {placement_strategy!r}")
     init_ray()
+    marker = write_storage_marker(spec.stage_dir)
+    spec = dataclasses.replace(spec, storage_marker=str(marker),
+                               startup=startup.MARKS | {"fit": time.time()})
     resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_worker, train_loop_config=spec,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=placement_strategy),
         run_config=RunConfig(name=spec.stage_dir.name, storage_path=str(spec.stage_dir.parent),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=3), callbacks=callbacks,
@@ -248,5 +329,8 @@ def fit(spec: TrainSpec, *, num_workers: int = 1, use_gpu: bool = False, cpus_pe
                              # "Reporting training result" dump per step) only with --verbose
                              logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        marker.unlink(missing_ok=True)
     return {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None}

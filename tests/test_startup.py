@@ -1,0 +1,30 @@
+"""The start-up breakdown printed at step 1 (train/startup.py) and read back by bench/startup.py."""
+
+import json
+
+import pytest
+
+from nanochat_ray.train.startup import breakdown, format_breakdown
+
+MARKS = {"process": 100.0, "main": 101.5, "ray": 102.0, "pipeline": 102.2, "fit": 102.5, "worker": 106.0,
+         "rows": 104.0, "loop": 107.0, "step1": 108.25}
+
+
+def test_phases_follow_one_another_and_sum_to_the_total():
+    b = breakdown(MARKS)
+    assert b["phases"] == pytest.approx({"driver start": 1.5, "ray init": 0.5, "checks": 0.5,
+                                         "worker group start": 3.5, "model build": 1.0, "first step": 1.25})
+    assert sum(b["phases"].values()) == pytest.approx(b["total"]) == pytest.approx(8.25)
+    assert b["pipeline first rows"] == pytest.approx(1.8)  # beside the phases, from the driver's start of it
+
+
+def test_printed_line_reads_back():
+    readable, machine = format_breakdown(MARKS).splitlines()
+    assert readable.startswith("start-up: 8.2 s from the driver's launch to step 1 = driver start 1.5 |")
+    assert json.loads(machine.removeprefix("startup: "))["marks"] == MARKS
+
+
+def test_missing_marks_leave_their_phases_out():
+    b = breakdown({"fit": 1.0, "worker": 2.0, "loop": 2.5, "step1": 3.0})  # e.g. a sweep's trial: no job marks
+    assert list(b["phases"]) == ["worker group start", "model build", "first step"] and b["total"] == 2.0
+    assert "pipeline first rows" not in b
