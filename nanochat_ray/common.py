@@ -125,8 +125,10 @@ def maybe_compile(model: torch.nn.Module, setting: str, device: torch.device,
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
     """Measured FLOP/s of a square matmul: the best this device does on dense math."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # a generator of its own: the probe runs on a thread beside training, whose random stream it must not move
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     a @ b  # warm-up
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
