@@ -23,11 +23,10 @@ from nanochat_ray.common import base_dir, init_ray
 from nanochat_ray.config import config_from_args
 from nanochat_ray.data.download import shard_paths, train_and_val_shards
 from nanochat_ray.data.registry import resolve
-from nanochat_ray.evals.actors import (
-    Progress, eval_parser, evals_dir, run_core, save_results, start_eval_actors,
-)
+from nanochat_ray.evals.actors import run_core, save_results, start_eval_actors
 from nanochat_ray.evals.core import write_results_csv
-from nanochat_ray.train.pretrain import SAMPLE_PROMPTS
+from nanochat_ray.evals.evaluator import Progress, eval_parser, evals_dir
+from nanochat_ray.stage import SAMPLE_PROMPTS
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -12,8 +12,8 @@ from nanochat_ray.config import ConfigError, make_config
 from nanochat_ray.tasks import GSM8K
 from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.train.chat import ChatData, chat_train, packed_rows, padded_rows
-from nanochat_ray.train.loop import PAD_ID, to_batch
-from nanochat_ray.train.loop import TrainState, to_batch
+from nanochat_ray.data.rows import PAD_ID, to_batch
+from nanochat_ray.train.loop import TrainState
 from nanochat_ray.train.pretrain import pretrain
 from nanochat_ray.train.worker import METRICS_LOG
 

@@ -11,7 +11,8 @@ import pytest
 
 from nanochat_ray.checkpoint import checkpoint_dir
 from nanochat_ray.config import make_config
-from nanochat_ray.evals.actors import numeric_leaves, save_results
+from nanochat_ray.evals.actors import save_results
+from nanochat_ray.evals.evaluator import numeric_leaves
 from nanochat_ray.train.pretrain import pretrain
 from nanochat_ray.train.worker import METRICS_LOG
 

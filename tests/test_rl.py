@@ -14,7 +14,7 @@ import torch
 from nanochat_ray.checkpoint import build_model_from_checkpoint, checkpoint_dir, save_checkpoint
 from nanochat_ray.config import ConfigError, make_config
 from nanochat_ray.engine import Engine
-from nanochat_ray.evals.actors import load_model
+from nanochat_ray.evals.evaluator import load_model
 from nanochat_ray.gpt import build_gpt
 from nanochat_ray.rl.actors import Learner, LearnerActor, RolloutActor, RolloutWorker, StaleWeightsError
 from nanochat_ray.rl.loop import RLOptions, deal, question_order, rl_train, rollout_actors

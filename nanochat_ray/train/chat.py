@@ -30,12 +30,13 @@ from nanochat_ray.gpt import GPT
 from nanochat_ray.tasks import (ARC, GSM8K, MMLU, Identity, SimpleSpelling, SmolTalk, SpellingBee, Task,
                                 TaskMixture)
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.loop import PAD_ID, Batches, Periodic, TrainState, sum_over_workers, to_batch
+from nanochat_ray.data.rows import PAD_ID, to_batch
+from nanochat_ray.stage import SAMPLE_QUESTIONS
+from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers
 from nanochat_ray.train.worker import TrainSpec, check_stage, fit
 
 PREVIOUS = {"mid": "base", "sft": "mid"}
 QUICK_EVAL_EXAMPLES = 64  # MMLU and ARC-Easy questions of each SFT evaluation
-SAMPLE_QUESTIONS = ["What is the capital of France?", "Who are you?", "How many r are in strawberry?"]
 
 
 class Fallbacks:

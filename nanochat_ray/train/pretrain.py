@@ -11,8 +11,6 @@ feeder for its rows one step ahead and measures val bits per byte on the last sh
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 import torch.distributed as dist
@@ -24,32 +22,10 @@ from nanochat_ray.evals import core
 from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.gpt import GPT
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers, to_batch
+from nanochat_ray.data.rows import to_batch, val_rows
+from nanochat_ray.stage import SAMPLE_PROMPTS
+from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers
 from nanochat_ray.train.worker import TrainSpec, check_stage, fit
-
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
-                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
-
-
-def val_rows(val_shard: str, tokenizer: Tokenizer, cfg: Config, rank: int, world_size: int) -> np.ndarray:
-    """This worker's share of the first cfg.eval_tokens tokens of the validation shard, packed."""
-    row_len = cfg.seq_len + 1
-    wanted = cfg.eval_tokens // cfg.seq_len  # rows over all workers
-    stream: list[int] = []
-    shard = pq.ParquetFile(val_shard)
-    for group in range(shard.num_row_groups):
-        texts = shard.read_row_group(group, columns=["text"]).column("text").to_pylist()
-        for ids in tokenizer.encode(texts, prepend="<|bos|>"):
-            stream += ids
-        if len(stream) >= wanted * row_len:
-            break
-    available = len(stream) // row_len
-    if available < world_size:
-        raise ValueError(f"validation shard {val_shard} holds {available} rows of {row_len} tokens, "
-                         f"fewer than the {world_size} workers; use a bigger val shard or a shorter seq_len")
-    rows = np.array(stream[:min(wanted, available) * row_len], dtype=np.int32).reshape(-1, row_len)
-    return rows[rank::world_size][: len(rows) // world_size]  # equal shares: every rank runs the same batches
-
 
 @dataclass
 class PretrainData:

@@ -36,7 +36,8 @@ from nanochat_ray.config import Config, ConfigError, validate
 from nanochat_ray.gpt import GPT, build_gpt
 from nanochat_ray.optim import build_optimizers
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.loop import Batches, Periodic, TrainState, run, sample_greedy
+from nanochat_ray.stage import greedy_samples
+from nanochat_ray.train.loop import Batches, Periodic, TrainState, run
 
 METRICS_LOG = "metrics.jsonl"  # one line per step, appended by rank 0 (a resumed step appears again)
 DASHBOARD_METRICS = ("loss_ema", "tokens_per_second", "mfu", "data_wait_fraction", "step", "val_bpb",
@@ -140,8 +141,8 @@ def train_worker(spec: TrainSpec) -> None:
 
     def sample() -> dict:
         if rank == 0:
-            for ids in prompts:
-                print0(f"  {tokenizer.decode(ids)!r} -> {tokenizer.decode(sample_greedy(model, ids, 16))!r}")
+            for ids, text in zip(prompts, greedy_samples(model, tokenizer, prompts)):
+                print0(f"  {tokenizer.decode(ids)!r} -> {text!r}")
         return {}
 
     logger, gauges = make_logger(cfg, spec.stage, rank), dashboard_gauges(spec.stage) if rank == 0 else {}
