@@ -46,7 +46,7 @@ from serve import api
 from serve.batcher import Batcher, Overloaded, Sampling
 from serve.completions import Scored, characters, parse_completion_request, prompt_ids, score
 from serve.completions import completion as completion_body
-from serve.text import TextStream
+from nanochat_ray.detokenizer import TextStream
 
 STATIC = Path(__file__).resolve().parent / "static"
 HEALTH_TIMEOUT_S = 2  # a model replica that does not answer in this long is not serving

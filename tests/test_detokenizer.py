@@ -7,7 +7,7 @@ import pytest
 
 from nanochat_ray.tokenizer import Tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the serve package at the checkout root
-from serve.text import TextStream  # noqa: E402
+from nanochat_ray.detokenizer import TextStream  # noqa: E402
 
 
 @pytest.fixture(scope="module")
