@@ -117,7 +117,7 @@ class DecodeBatch:
         self.uniforms = torch.zeros(max_rows, UNIFORM_BLOCK, device=device)
         self._next_id = 0
         special = tokenizer.encode_special
-        self.terminal = {special("<|assistant_end|>"), special("<|bos|>")}
+        self.terminal = set(tokenizer.answer_end_ids)
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
 
@@ -260,7 +260,7 @@ class Engine:
 
         Takes generate's keyword arguments. Prompt positions have mask 0.
         """
-        terminal = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.bos_token_id}
+        terminal = self.tokenizer.answer_end_ids
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         completed = [False] * num_samples
