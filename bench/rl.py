@@ -27,7 +27,7 @@ import torch
 from nanochat_ray.checkpoint import checkpoint_dir, save_checkpoint
 from nanochat_ray.config import make_config
 from nanochat_ray.gpt import build_gpt
-from nanochat_ray.rl.loop import RLOptions, rl_train
+from nanochat_ray.rl.driver import RLOptions, rl_train
 from nanochat_ray.tokenizer import Tokenizer
 
 

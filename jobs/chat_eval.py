@@ -23,7 +23,7 @@ from nanochat_ray.common import base_dir, init_ray
 from nanochat_ray.config import config_from_args
 from nanochat_ray.evals.actors import run_chat, save_results, start_eval_actors
 from nanochat_ray.evals.evaluator import Progress, eval_parser, evals_dir
-from nanochat_ray.evals.chat import BASELINES
+from nanochat_ray.evals.chatcore import BASELINES
 
 
 def main(argv: list[str] | None = None) -> dict:

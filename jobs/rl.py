@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nanochat_ray.config import config_from_args, default_preset
-from nanochat_ray.rl.loop import RL_PRESETS, RLOptions, rl_config_defaults, rl_train
+from nanochat_ray.rl.driver import RL_PRESETS, RLOptions, rl_config_defaults, rl_train
 from nanochat_ray.train.cli import tokenizer_dir, training_parser
 
 FLAGS = {  # RLOptions field → help

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nanochat_ray.config import Config, config_from_args
-from nanochat_ray.train.chat import chat_train
+from nanochat_ray.train.finetune import chat_train
 from nanochat_ray.train.cli import tokenizer_dir, training_parser
 
 

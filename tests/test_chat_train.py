@@ -11,7 +11,7 @@ from nanochat_ray.checkpoint import build_model_from_checkpoint, checkpoint_dir,
 from nanochat_ray.config import ConfigError, make_config
 from nanochat_ray.tasks import GSM8K
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.chat import ChatData, chat_train, packed_rows, padded_rows
+from nanochat_ray.train.finetune import ChatData, chat_train, packed_rows, padded_rows
 from nanochat_ray.data.rows import PAD_ID, to_batch
 from nanochat_ray.train.loop import TrainState
 from nanochat_ray.train.pretrain import pretrain
@@ -120,7 +120,7 @@ def test_only_pretraining_clips_and_sft_keeps_muon_momentum_constant():
     import midtrain
     import sft
 
-    from nanochat_ray.rl.loop import rl_config_defaults
+    from nanochat_ray.rl.driver import rl_config_defaults
     preset = make_config("cpu")
     assert preset.grad_clip == 1.0 and preset.muon_momentum_warmup == 300  # pretraining
     mid, sft_cfg, rl = midtrain.mid_defaults(preset), sft.sft_defaults(preset), rl_config_defaults("cpu")

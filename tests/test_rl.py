@@ -17,7 +17,7 @@ from nanochat_ray.engine import Engine
 from nanochat_ray.evals.evaluator import load_model
 from nanochat_ray.gpt import build_gpt
 from nanochat_ray.rl.actors import Learner, LearnerActor, RolloutActor, RolloutWorker, StaleWeightsError
-from nanochat_ray.rl.loop import RLOptions, deal, question_order, rl_train, rollout_actors
+from nanochat_ray.rl.driver import RLOptions, deal, question_order, rl_train, rollout_actors
 from nanochat_ray.rl import policy as rl_policy
 from nanochat_ray.rl.policy import (Group, group_advantages, pass_at_k, policy_batch, policy_loss_sum, question_loss,
                                     sample_groups)
@@ -359,7 +359,7 @@ TOY = RLOptions(task="toy", questions_per_step=2, samples_per_question=4, max_ne
 
 def test_a_learner_exception_restarts_from_the_last_rl_checkpoint(ray_cluster, sft_root, smoke_tokenizer_dir,
                                                                    data_root, capsys):
-    from nanochat_ray.rl.loop import rl_config_defaults
+    from nanochat_ray.rl.driver import rl_config_defaults
 
     cfg = make_config("smoke", depth=1, **{**rl_config_defaults("smoke"), "num_iterations": 4, "save_every": 2,
                                            "eval_every": 0})
@@ -372,7 +372,7 @@ def test_a_learner_exception_restarts_from_the_last_rl_checkpoint(ray_cluster, s
 
 
 def test_a_hung_call_is_a_clear_error_not_a_hang(ray_cluster, sft_root, smoke_tokenizer_dir, data_root, capsys):
-    from nanochat_ray.rl.loop import ActorTimeoutError
+    from nanochat_ray.rl.driver import ActorTimeoutError
 
     with pytest.raises(ActorTimeoutError, match="starting the learner took longer than 0.001 s.*--call-timeout-s"):
         rl_train(CFG, dataclasses.replace(TOY, call_timeout_s=0.001), tokenizer_dir=smoke_tokenizer_dir,

@@ -23,7 +23,7 @@ import ray
 from nanochat_ray.common import write_atomic
 from nanochat_ray.config import Config
 from nanochat_ray.evals import core
-from nanochat_ray.evals.chat import EvalResult, chatcore, load_eval_task
+from nanochat_ray.evals.chatcore import EvalResult, chatcore, load_eval_task
 from nanochat_ray.evals.evaluator import Evaluator, Progress, check_checkpoint, evals_dir, numeric_leaves
 
 

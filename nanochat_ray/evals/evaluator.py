@@ -25,7 +25,7 @@ from nanochat_ray.config import Config, ConfigError, add_config_args
 from nanochat_ray.data.rows import to_batch, val_rows
 from nanochat_ray.evals import core
 from nanochat_ray.evals.bpb import evaluate_bpb
-from nanochat_ray.evals.chat import EvalResult, run_task_eval
+from nanochat_ray.evals.chatcore import EvalResult, run_task_eval
 from nanochat_ray.gpt import build_gpt
 from nanochat_ray.stage import greedy_samples
 from nanochat_ray.tokenizer import Tokenizer

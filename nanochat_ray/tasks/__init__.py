@@ -11,7 +11,7 @@ Every file comes through data/registry.py (the offline mirror, else the hub).
 """
 
 from nanochat_ray.tasks.base import CustomJSON, Task, TaskMixture, validate_conversation
-from nanochat_ray.tasks.chat import Identity, SmolTalk
+from nanochat_ray.tasks.conversations import Identity, SmolTalk
 from nanochat_ray.tasks.gsm8k import GSM8K, extract_answer
 from nanochat_ray.tasks.humaneval import HumanEval, extract_code, humaneval_program
 from nanochat_ray.tasks.multiple_choice import ARC, MMLU

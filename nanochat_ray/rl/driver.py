@@ -41,7 +41,7 @@ from nanochat_ray.data.registry import mirror_root
 from nanochat_ray.rl.actors import LearnerActor, RolloutActor, RolloutResult
 from nanochat_ray.rl.policy import default_questions_per_call, pass_at_k
 from nanochat_ray.rl.tasks import load_reward_task
-from nanochat_ray.train.chat import previous_checkpoint
+from nanochat_ray.train.finetune import previous_checkpoint
 from nanochat_ray.train.worker import METRICS_LOG, check_stage, make_logger
 
 EVAL_SEED_OFFSET = 1_000_000_007  # eval samples are seeded apart from training samples

@@ -25,7 +25,7 @@ from nanochat_ray.common import autocast, compute_dtype
 from nanochat_ray.config import Config, ConfigError
 from nanochat_ray.data.registry import DataUnavailableError, mirror_root
 from nanochat_ray.evals.bpb import evaluate_bpb
-from nanochat_ray.evals.chat import evaluate_categorical, load_eval_task
+from nanochat_ray.evals.chatcore import evaluate_categorical, load_eval_task
 from nanochat_ray.gpt import GPT
 from nanochat_ray.tasks import (ARC, GSM8K, MMLU, Identity, SimpleSpelling, SmolTalk, SpellingBee, Task,
                                 TaskMixture)
