@@ -34,11 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from nanochat_ray.checkpoint import checkpoint_dir, latest_step, step_name
-from nanochat_ray.common import base_dir, init_ray
+from nanochat_ray.common import base_dir, format_seconds, init_ray, read_json, write_atomic
 from nanochat_ray.config import Config, ConfigError, add_config_args, config_from_args, default_preset, make_config
 from nanochat_ray.gpus import GPU_KINDS, GPUKind, gpu_kind, kind_of_device
 from nanochat_ray.plan import format_plan, make_plan, refusal
-from nanochat_ray.report import RECORDS_DIR, format_seconds, read_json, write_json_atomic, write_report
+from nanochat_ray.report import RECORDS_DIR, write_report
 
 
 @dataclass(frozen=True)
@@ -298,7 +298,7 @@ class Speedrun:
         argv = (inputs["argv"] + resource_flags(stage, self.args, self.cluster_cpus, beside)
                 + self.resume_flags(stage, fp))
         started_file = self.records / f"{stage.name}.started.json"
-        write_json_atomic(started_file, {"fingerprint": fp, "started_at": time.time()})
+        write_atomic(started_file, json.dumps({"fingerprint": fp, "started_at": time.time()}, indent=2))
         (self.records / f"{stage.name}.json").unlink(missing_ok=True)  # what reads it must run again
 
         def work() -> dict:
@@ -311,7 +311,7 @@ class Speedrun:
                       "resumed": "--resume" in argv, "job": f"jobs/{stage.job}.py", "argv": argv,
                       "headline": headline(stage, result, self.args.cfg), "result": result,
                       "outputs": outputs_of(stage, self.args.cfg)}
-            write_json_atomic(self.records / f"{stage.name}.json", record)
+            write_atomic(self.records / f"{stage.name}.json", json.dumps(record, indent=2, default=str))
             started_file.unlink(missing_ok=True)
             print(f"[speedrun] {stage.name:<10} {'resumed and done' if record['resumed'] else 'done'} in "
                   f"{format_seconds(record['seconds'])}: {format_headline(record['headline'])}", flush=True)

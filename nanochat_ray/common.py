@@ -1,5 +1,8 @@
-"""Small helpers shared by every stage: the artifact root, rank-0 printing, device choice."""
+"""Small helpers shared by every stage: the artifact root, atomic writes and JSON files, rank-0
+printing, device choice. Imported by every job (e.g. python jobs/speedrun.py).
+"""
 
+import json
 import os
 import tempfile
 import time
@@ -41,6 +44,25 @@ def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], Any]) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json(path: Path, default: Any = ...) -> Any:
+    """The parsed file; `default` when it is missing (no default: the error names the file)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        if default is ...:
+            raise
+        return default
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def fsync_path(path: Path) -> None:

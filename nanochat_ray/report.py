@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanochat_ray.common import write_atomic
+from nanochat_ray.common import format_seconds, read_json, write_atomic
 
 RECORDS_DIR = "speedrun"  # <root>/speedrun/<stage>.json: one record per finished stage
 REPORT_FILE = "report.md"
@@ -27,34 +27,6 @@ COLUMNS = ("base", "mid", "sft", "rl")
 # the rows of the reference's report card (SPEC, headline table)
 SUMMARY_ROWS = ("CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE")
 CODE_DIRS = ("nanochat_ray", "jobs", "serve", "bench", "tests")
-
-
-# -----------------------------------------------------------------------------
-# small file helpers, shared with jobs/speedrun.py
-
-
-def read_json(path: Path, default: Any = ...) -> Any:
-    """The parsed file; `default` when it is missing (no default: the error names the file)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        if default is ...:
-            raise
-        return default
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Temp file then rename: a reader (or a re-submitted run) never sees half a record."""
-    write_atomic(path, json.dumps(data, indent=2, default=str))
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def read_metrics_log(path: Path) -> list[dict]:
