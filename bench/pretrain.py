@@ -47,7 +47,7 @@ from nanochat_ray.checkpoint import checkpoint_dir
 from nanochat_ray.config import PRESETS, make_config, validate
 from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.train.worker import METRICS_LOG
+from nanochat_ray.stage import METRICS_LOG
 
 STAGE = "base"  # pretrain()'s checkpoints and metrics.jsonl: <artifact root>/checkpoints/base/<model tag>
 DATA_WAIT_GOAL = 0.01

@@ -19,7 +19,7 @@ from nanochat_ray.data.download import shards_needed, start_downloads, train_and
 from nanochat_ray.data.registry import resolve
 from nanochat_ray.train.cli import tokenizer_dir, training_parser
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.train.worker import check_stage
+from nanochat_ray.stage import check_stage
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -151,3 +151,12 @@ def init_ray() -> None:
     # refuses a second setting of the same variable.
     under_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray's job manager
     ray.init(runtime_env=None if under_job else {"env_vars": {"NANOCHAT_BASE_DIR": str(base_dir())}})
+
+
+def dashboard_gauges(stage: str, names: tuple[str, ...]) -> dict:
+    """Custom metrics for the Ray dashboard, nanochat_<stage>_<name> (Prometheus names: letters,
+    digits, underscores). Only the Ray edges call this, as init_ray."""
+    from ray.util.metrics import Gauge
+
+    return {name: Gauge(f"nanochat_{stage}_{name}", description=f"{stage} training {name}", tag_keys=("model",))
+            for name in names}

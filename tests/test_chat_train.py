@@ -15,7 +15,7 @@ from nanochat_ray.train.finetune import ChatData, chat_train, packed_rows, padde
 from nanochat_ray.data.rows import PAD_ID, to_batch
 from nanochat_ray.train.loop import TrainState
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.train.worker import METRICS_LOG
+from nanochat_ray.stage import METRICS_LOG
 
 MISSING = {"MMLU auxiliary_train", "ARC-Easy train", "ARC-Challenge train"}  # splits the offline mirror lacks
 

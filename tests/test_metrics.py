@@ -14,7 +14,7 @@ from nanochat_ray.config import make_config
 from nanochat_ray.evals.actors import save_results
 from nanochat_ray.evals.evaluator import numeric_leaves
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.train.worker import METRICS_LOG
+from nanochat_ray.stage import METRICS_LOG
 
 # Processes push metrics to their node's agent every metrics_report_interval_ms (1 s in the test
 # session, 10 s by default), and the agent drops a dead process's gauges after two intervals:

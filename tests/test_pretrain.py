@@ -10,7 +10,7 @@ import torch
 from nanochat_ray.checkpoint import checkpoint_dir, latest_step, load_checkpoint
 from nanochat_ray.config import ConfigError, make_config
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.train.worker import DASHBOARD_METRICS, METRICS_LOG, NullLogger, make_logger
+from nanochat_ray.stage import METRICS_LOG, TRAINING_GAUGES, NullLogger, make_logger
 
 STEPS = 8  # smoke preset: checkpoints at steps 4 and 8
 
@@ -127,5 +127,5 @@ def test_wandb_logs_offline_when_a_run_name_is_given(tmp_path, monkeypatch):
 def test_dashboard_metric_names_are_valid_prometheus_names():
     # Ray drops metrics with other names, with only a warning
     for stage in ("base", "mid", "sft"):
-        for name in DASHBOARD_METRICS:
+        for name in TRAINING_GAUGES:
             assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", f"nanochat_{stage}_{name}")

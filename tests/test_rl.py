@@ -24,7 +24,7 @@ from nanochat_ray.rl.policy import (Group, group_advantages, pass_at_k, policy_b
 from nanochat_ray.rl.tasks import GSM8KReward, SevenToy
 from nanochat_ray.tasks.gsm8k import assistant_text
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.worker import METRICS_LOG
+from nanochat_ray.stage import METRICS_LOG
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import rl as rl_job  # noqa: E402

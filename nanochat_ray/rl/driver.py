@@ -26,7 +26,6 @@ Not overlapped: sampling step s+1 before update s lands would be off-policy (sta
 actors refuse it (StaleWeightsError) and the learner rejects rollouts of an old version.
 """
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -35,19 +34,16 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from nanochat_ray.common import init_ray
+from nanochat_ray.common import dashboard_gauges, init_ray
 from nanochat_ray.config import Config, ConfigError
 from nanochat_ray.data.registry import mirror_root
 from nanochat_ray.rl.actors import LearnerActor, RolloutActor, RolloutResult
 from nanochat_ray.rl.policy import default_questions_per_call, pass_at_k
 from nanochat_ray.rl.tasks import load_reward_task
-from nanochat_ray.train.finetune import previous_checkpoint
-from nanochat_ray.train.worker import METRICS_LOG, check_stage, make_logger
+from nanochat_ray.stage import RL_GAUGES, MetricRecorder, check_stage, previous_checkpoint
 
 EVAL_SEED_OFFSET = 1_000_000_007  # eval samples are seeded apart from training samples
 EVAL_QUESTIONS_PER_CALL = 16  # bounds an eval call's KV cache (16 questions × eval_samples rows)
-DASHBOARD_METRICS = ("mean_reward", "rollout_tokens_per_second", "learner_seconds", "rollout_idle_fraction",
-                     "mean_sequence_length", "pass_at_1", "step")
 
 
 @dataclass(frozen=True)
@@ -262,7 +258,7 @@ class RLRun:
         self.learner, self.rollouts = learner, rollouts
         self.num_iterations, self.num_train = num_iterations, num_train
         self.eval_questions, self.per_call = eval_questions, per_call
-        self.logger, self.gauges = make_logger(cfg, "rl", 0), dashboard_gauges()
+        self.recorder = MetricRecorder(cfg, "rl", stage_dir, dashboard_gauges("rl", RL_GAUGES))
         self.history = history
         self.timeout = options.call_timeout_s
 
@@ -272,12 +268,7 @@ class RLRun:
 
     def record(self, metrics: dict) -> None:
         self.history.append(metrics)
-        self.logger.log(metrics, step=metrics["step"])
-        with open(self.stage_dir / METRICS_LOG, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for name, gauge in self.gauges.items():
-            if name in metrics:
-                gauge.set(metrics[name], tags={"model": self.cfg.model_tag})
+        self.recorder.record(metrics)
 
     def step(self, step: int) -> dict:
         """One on-policy step: rollouts of the published weights stream into the learner, which updates."""
@@ -339,11 +330,3 @@ class RLRun:
         if saving is not None:
             checkpoint = wait_for(saving, self.timeout, "saving the last checkpoint")
         return {"metrics": self.history[-1] if self.history else {}, "checkpoint": checkpoint, "history": self.history}
-
-
-def dashboard_gauges() -> dict:
-    """RL metrics on the Ray dashboard (Prometheus names: letters, digits, underscores)."""
-    from ray.util.metrics import Gauge
-
-    return {name: Gauge(f"nanochat_rl_{name}", description=f"rl {name}", tag_keys=("model",))
-            for name in DASHBOARD_METRICS}

@@ -12,7 +12,6 @@ number of workers, so runs are reproducible and a resume continues exactly; the 
 is the step.
 """
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,9 +19,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from nanochat_ray.checkpoint import checkpoint_dir, latest_step, load_checkpoint, step_name
 from nanochat_ray.common import autocast, compute_dtype
-from nanochat_ray.config import Config, ConfigError
+from nanochat_ray.config import Config
 from nanochat_ray.data.registry import DataUnavailableError, mirror_root
 from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.evals.chatcore import evaluate_categorical, load_eval_task
@@ -31,11 +29,10 @@ from nanochat_ray.tasks import (ARC, GSM8K, MMLU, Identity, SimpleSpelling, Smol
                                 TaskMixture)
 from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.data.rows import PAD_ID, to_batch
-from nanochat_ray.stage import SAMPLE_QUESTIONS
+from nanochat_ray.stage import PREVIOUS, SAMPLE_QUESTIONS, check_stage, previous_checkpoint
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers
-from nanochat_ray.train.worker import TrainSpec, check_stage, fit
+from nanochat_ray.train.worker import TrainSpec, fit
 
-PREVIOUS = {"mid": "base", "sft": "mid"}
 QUICK_EVAL_EXAMPLES = 64  # MMLU and ARC-Easy questions of each SFT evaluation
 
 
@@ -194,23 +191,6 @@ class ChatData:
         return [tokenizer.render_for_completion({"messages": [{"role": "user", "content": q},
                                                               {"role": "assistant", "content": ""}]})
                 for q in SAMPLE_QUESTIONS]
-
-
-def previous_checkpoint(previous: str, cfg: Config, artifact_root: Path | None = None) -> Path:
-    """The latest checkpoint of the stage a stage starts from; an error naming the job to run if
-    there is none, or if its model differs from cfg's."""
-    previous_dir = checkpoint_dir(previous, cfg.model_tag, artifact_root)
-    previous_step = latest_step(previous_dir)
-    if previous_step is None:
-        job = {"base": "jobs/pretrain.py", "mid": "jobs/midtrain.py", "sft": "jobs/sft.py"}[previous]
-        raise ConfigError(f"no {previous} checkpoint of {cfg.model_tag} in {previous_dir}: run {job} first "
-                          f"(or pass the same --preset/--depth as that run)")
-    _, _, meta = load_checkpoint(previous_dir, previous_step, load_optimizer=False)
-    if meta["model_config"] != dataclasses.asdict(cfg.gpt_config()):
-        raise ConfigError(f"the {previous} checkpoint's model {meta['model_config']} differs from this "
-                          f"config's {dataclasses.asdict(cfg.gpt_config())}: pass the same --preset and overrides "
-                          f"as that run")
-    return previous_dir / step_name(previous_step)
 
 
 def chat_train(stage: str, cfg: Config, *, tokenizer_dir: Path, data_root: str | None = None,

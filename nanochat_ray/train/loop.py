@@ -21,7 +21,8 @@ from nanochat_ray.common import autocast, compute_dtype, print0, rank_world
 from nanochat_ray.config import Config
 from nanochat_ray.data.rows import PAD_ID, to_batch
 from nanochat_ray.gpt import GPT
-from nanochat_ray.optim import set_muon_momentum, step_optimizers
+from nanochat_ray.optim import step_optimizers
+from nanochat_ray.stage import apply_schedule
 
 @dataclass
 class TrainState:
@@ -71,11 +72,7 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
     while state.step < num_iterations:
         step = state.step
         start = time.perf_counter()
-        multiplier = cfg.lr_multiplier(step, num_iterations)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * multiplier
-        set_muon_momentum(optimizers[1], step, cfg.muon_momentum_warmup)
+        multiplier = apply_schedule(optimizers, cfg, step, num_iterations)
 
         rows, position = pending()  # blocks only when the data pipeline is behind
         waited = time.perf_counter() - start

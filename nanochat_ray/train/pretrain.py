@@ -23,9 +23,9 @@ from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.gpt import GPT
 from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.data.rows import to_batch, val_rows
-from nanochat_ray.stage import SAMPLE_PROMPTS
+from nanochat_ray.stage import SAMPLE_PROMPTS, check_stage
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers
-from nanochat_ray.train.worker import TrainSpec, check_stage, fit
+from nanochat_ray.train.worker import TrainSpec, fit
 
 @dataclass
 class PretrainData:

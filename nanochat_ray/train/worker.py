@@ -13,11 +13,8 @@ path), in the format of checkpoint.py, so every later stage loads them without R
 """
 
 import dataclasses
-import json
 import os
-import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,20 +26,15 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from nanochat_ray.checkpoint import (checkpoint_dir, describe_file, finalize_checkpoint, latest_step, load_checkpoint,
+from nanochat_ray.checkpoint import (describe_file, finalize_checkpoint, latest_step, load_checkpoint,
                                      mark_latest, read_checkpoint, step_name, write_checkpoint)
-from nanochat_ray.common import compute_dtype, init_ray, maybe_compile, peak_flops, print0
-from nanochat_ray.config import Config, ConfigError, validate
+from nanochat_ray.common import compute_dtype, dashboard_gauges, init_ray, maybe_compile, peak_flops, print0
+from nanochat_ray.config import Config
 from nanochat_ray.gpt import GPT, build_gpt
-from nanochat_ray.optim import build_optimizers
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.stage import greedy_samples
+from nanochat_ray.stage import (TRAINING_GAUGES, MetricRecorder, checkpoint_meta, greedy_samples, stage_optimizers,
+                                without_compile_prefix)
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, run
-
-METRICS_LOG = "metrics.jsonl"  # one line per step, appended by rank 0 (a resumed step appears again)
-DASHBOARD_METRICS = ("loss_ema", "tokens_per_second", "mfu", "data_wait_fraction", "step", "val_bpb",
-                     "core", "mmlu_acc", "arc_easy_acc")  # the evaluations during training, when a stage runs them
-
 
 class DataSource(Protocol):
     """Where a stage's rows come from. Built on the driver, pickled to every worker."""
@@ -73,29 +65,6 @@ class TrainSpec:
     fail_at_step: int | None = None  # test-only: the last rank exits hard after this step
 
 
-class NullLogger:
-    """Stands in for wandb when no run name is given, so the loop has no `if wandb` branches."""
-
-    def log(self, metrics: dict, step: int) -> None:
-        pass
-
-
-def make_logger(cfg: Config, stage: str, rank: int):
-    if cfg.run == "dummy" or rank != 0:
-        return NullLogger()
-    import wandb  # imported only when used: it is slow to import
-
-    return wandb.init(project="nanochat-ray", name=f"{cfg.run}-{stage}", config=cfg.to_dict())
-
-
-def dashboard_gauges(stage: str) -> dict:
-    """Custom metrics for the Ray dashboard (Prometheus names: letters, digits, underscores)."""
-    from ray.util.metrics import Gauge
-
-    return {name: Gauge(f"nanochat_{stage}_{name}", description=f"{stage} training {name}", tag_keys=("model",))
-            for name in DASHBOARD_METRICS}
-
-
 # -----------------------------------------------------------------------------
 # the per-worker function
 
@@ -109,10 +78,7 @@ def train_worker(spec: TrainSpec) -> None:
     torch.manual_seed(cfg.seed)
 
     model = build_gpt(cfg.gpt_config(), device)
-    optimizers = build_optimizers(model, cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay)
-    for opt in optimizers:  # e.g. SFT starts at 2% of the base LRs
-        for group in opt.param_groups:
-            group["initial_lr"] *= cfg.init_lr_frac
+    optimizers = stage_optimizers(model, cfg)  # e.g. SFT starts at 2% of the base LRs
     state, resumed_from = TrainState(), None
     ray_checkpoint = ray.train.get_checkpoint()  # set after a worker failure (FailureConfig)
     if ray_checkpoint is not None:
@@ -130,7 +96,7 @@ def train_worker(spec: TrainSpec) -> None:
         print0(f"resumed from {resumed_from} at step {state.step}")
     elif spec.init_from is not None:
         model_state, _, meta = read_checkpoint(spec.init_from, device, load_optimizer=False)
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_state.items()})
+        model.load_state_dict(without_compile_prefix(model_state))
         print0(f"starting from {spec.init_from}")
 
     tokenizer = Tokenizer.from_directory(spec.data.tokenizer_dir)
@@ -145,21 +111,16 @@ def train_worker(spec: TrainSpec) -> None:
                 print0(f"  {tokenizer.decode(ids)!r} -> {text!r}")
         return {}
 
-    logger, gauges = make_logger(cfg, spec.stage, rank), dashboard_gauges(spec.stage) if rank == 0 else {}
+    recorder = (MetricRecorder(cfg, spec.stage, spec.stage_dir, dashboard_gauges(spec.stage, TRAINING_GAUGES))
+                if rank == 0 else None)
 
     def report(metrics: dict, state: TrainState, save: bool) -> None:
-        logger.log(metrics, step=state.step)
-        if rank == 0:  # the run's history, for the report card and for comparing runs
-            with open(spec.stage_dir / METRICS_LOG, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        for name, gauge in gauges.items():
-            if name in metrics:
-                gauge.set(metrics[name], tags={"model": cfg.model_tag})
+        if recorder is not None:
+            recorder.record(metrics)
         if not save:
             ray.train.report(metrics)
         else:
-            meta = {"step": state.step, "stage": spec.stage, "model_config": dataclasses.asdict(cfg.gpt_config()),
-                    "config": cfg.to_dict(), "train_state": dataclasses.asdict(state), "metrics": metrics}
+            meta = checkpoint_meta(spec.stage, cfg, state.step, dataclasses.asdict(state), metrics)
             save_and_report(metrics, meta, model, optimizers, rank, world_size)
             if rank == 0:
                 mark_latest(spec.stage_dir, state.step)
@@ -201,29 +162,6 @@ def save_and_report(metrics: dict, meta: dict, model: GPT, optimizers: list, ran
 
 # -----------------------------------------------------------------------------
 # the driver
-
-
-def check_stage(cfg: Config, stage: str, tokenizer_dir: Path, num_workers: int = 1, resume: bool = False,
-                fresh: bool = False, artifact_root: Path | None = None) -> Path:
-    """Everything that can be wrong before any work: config, tokenizer, an existing run.
-
-    Returns the stage directory, ready to write into (--fresh moves an old run aside).
-    """
-    validate(cfg, world_size=num_workers)
-    tokenizer = Tokenizer.from_directory(tokenizer_dir)
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise ConfigError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens but vocab_size is "
-                          f"{cfg.vocab_size}: pass --vocab-size {tokenizer.vocab_size}, or retrain the tokenizer")
-    stage_dir = checkpoint_dir(stage, cfg.model_tag, artifact_root)
-    if latest_step(stage_dir) is not None and not resume:
-        if not fresh:
-            raise ConfigError(f"{stage_dir} already holds a {cfg.model_tag} {stage} run: pass --resume to "
-                              f"continue it, or --fresh to move it aside and start over")
-        aside = stage_dir.with_name(f"{stage_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(stage_dir, aside)
-        print(f"moved the previous run aside to {aside}")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    return stage_dir
 
 
 def fit(spec: TrainSpec, *, num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
