@@ -24,7 +24,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nanochat_ray.checkpoint import build_model_from_checkpoint
-from nanochat_ray.common import base_dir, default_device
+from nanochat_ray.common import default_device, default_tokenizer_dir
 from nanochat_ray.config import add_config_args, config_from_args
 from nanochat_ray.detokenizer import TextStream
 from nanochat_ray.engine import Engine
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
     else:
         model, meta = build_model_from_checkpoint(args.stage, cfg.model_tag, args.step, default_device())
         model.eval()
-        tokenizer = Tokenizer.from_directory(args.tokenizer_dir or base_dir() / "tokenizer")
+        tokenizer = Tokenizer.from_directory(args.tokenizer_dir or default_tokenizer_dir())
         engine = Engine(model, tokenizer)
 
         def answer(messages: list[dict]) -> str:

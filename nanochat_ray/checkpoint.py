@@ -42,7 +42,11 @@ import torch
 from nanochat_ray.common import base_dir, fsync_path, write_atomic
 from nanochat_ray.gpt import GPT, GPTConfig, build_gpt
 
+# the stage graph, in order: each stage starts from the previous one's weights, and is trained by
+# jobs/<TRAIN_JOBS[stage]>.py (the speedrun, the report and the stage checks read it from here)
 STAGES = ("base", "mid", "sft", "rl")
+TRAIN_JOBS = {"base": "pretrain", "mid": "midtrain", "sft": "sft", "rl": "rl"}
+PREVIOUS = dict(zip(STAGES[1:], STAGES))  # {"mid": "base", "sft": "mid", "rl": "sft"}
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 LATEST_FILE = "LATEST"

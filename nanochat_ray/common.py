@@ -25,6 +25,18 @@ def base_dir() -> Path:
     return root
 
 
+def default_tokenizer_dir(root: str | Path | None = None) -> Path:
+    """<root>/tokenizer, where jobs/tokenizer.py saves the tokenizer and every later stage reads it."""
+    return (Path(root) if root else base_dir()) / "tokenizer"
+
+
+def eval_results_path(stage: str, model_tag: str, root: str | Path | None = None) -> Path:
+    """<root>/evals/base_<tag>.json (jobs/base_eval.py) or chat_<stage>_<tag>.json (jobs/chat_eval.py):
+    what the evaluation jobs write and the speedrun and the report read."""
+    name = f"base_{model_tag}" if stage == "base" else f"chat_{stage}_{model_tag}"
+    return (Path(root) if root else base_dir()) / "evals" / f"{name}.json"
+
+
 def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], Any]) -> None:
     """Write `path` via a synced temp file beside it and a rename: readers, a re-submitted run or
     a crash never see half a file. `data` is the content, or a function that writes the temp path

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat_ray.checkpoint import checkpoint_dir, latest_step, load_checkpoint, step_name
+from nanochat_ray.checkpoint import PREVIOUS, TRAIN_JOBS, checkpoint_dir, latest_step, load_checkpoint, step_name
 from nanochat_ray.config import Config, ConfigError, validate
 from nanochat_ray.engine import Engine
 from nanochat_ray.gpt import GPT
@@ -31,7 +31,6 @@ TRAINING_GAUGES = ("loss_ema", "tokens_per_second", "mfu", "data_wait_fraction",
                    "core", "mmlu_acc", "arc_easy_acc")
 RL_GAUGES = ("mean_reward", "rollout_tokens_per_second", "learner_seconds", "rollout_idle_fraction",
              "mean_sequence_length", "pass_at_1", "step")
-PREVIOUS = {"mid": "base", "sft": "mid", "rl": "sft"}  # the stage whose weights a stage starts from
 
 
 # -----------------------------------------------------------------------------
@@ -61,15 +60,15 @@ def check_stage(cfg: Config, stage: str, tokenizer_dir: Path, num_workers: int =
     return stage_dir
 
 
-def previous_checkpoint(previous: str, cfg: Config, artifact_root: Path | None = None) -> Path:
-    """The latest checkpoint of the stage a stage starts from; an error naming the job to run if
-    there is none, or if its model differs from cfg's."""
+def previous_checkpoint(stage: str, cfg: Config, artifact_root: Path | None = None) -> Path:
+    """The latest checkpoint of the stage `stage` starts from (PREVIOUS); an error naming the job
+    to run if there is none, or if its model differs from cfg's."""
+    previous = PREVIOUS[stage]
     previous_dir = checkpoint_dir(previous, cfg.model_tag, artifact_root)
     previous_step = latest_step(previous_dir)
     if previous_step is None:
-        job = {"base": "jobs/pretrain.py", "mid": "jobs/midtrain.py", "sft": "jobs/sft.py"}[previous]
-        raise ConfigError(f"no {previous} checkpoint of {cfg.model_tag} in {previous_dir}: run {job} first "
-                          f"(or pass the same --preset/--depth as that run)")
+        raise ConfigError(f"no {previous} checkpoint of {cfg.model_tag} in {previous_dir}: run "
+                          f"jobs/{TRAIN_JOBS[previous]}.py first (or pass the same --preset/--depth as that run)")
     _, _, meta = load_checkpoint(previous_dir, previous_step, load_optimizer=False)
     if meta["model_config"] != dataclasses.asdict(cfg.gpt_config()):
         raise ConfigError(f"the {previous} checkpoint's model {meta['model_config']} differs from this "

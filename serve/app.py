@@ -40,7 +40,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.util import metrics
 
 from nanochat_ray.checkpoint import build_model_from_checkpoint, checkpoint_dir, resolve_model_tag, step_name
-from nanochat_ray.common import autocast, base_dir, compute_dtype, default_device
+from nanochat_ray.common import autocast, base_dir, compute_dtype, default_device, default_tokenizer_dir
 from nanochat_ray.tokenizer import Tokenizer
 from serve import api
 from serve.batcher import Batcher, Overloaded, Sampling
@@ -106,7 +106,7 @@ class ChatModel:
         root = Path(args.root) if args.root else base_dir()
         model, meta = build_model_from_checkpoint(args.stage, tag, args.step, self.device, root)
         model.eval()
-        self.tokenizer = Tokenizer.from_directory(args.tokenizer_dir or root / "tokenizer")
+        self.tokenizer = Tokenizer.from_directory(args.tokenizer_dir or default_tokenizer_dir(root))
         self.name = f"nanochat-{args.stage}-{tag}-step{meta['step']}"
         self.context = model.config.sequence_len
         dtype = compute_dtype("auto", self.device)

@@ -114,16 +114,11 @@ def test_chat_data_is_the_same_for_one_and_two_workers(smoke_tokenizer_dir, data
 
 
 def test_only_pretraining_clips_and_sft_keeps_muon_momentum_constant():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    import midtrain
-    import sft
+    from nanochat_ray.config import stage_defaults
 
-    from nanochat_ray.rl.driver import rl_config_defaults
     preset = make_config("cpu")
     assert preset.grad_clip == 1.0 and preset.muon_momentum_warmup == 300  # pretraining
-    mid, sft_cfg, rl = midtrain.mid_defaults(preset), sft.sft_defaults(preset), rl_config_defaults("cpu")
+    mid, sft_cfg, rl = (stage_defaults(stage, "cpu") for stage in ("mid", "sft", "rl"))
     assert mid["grad_clip"] == sft_cfg["grad_clip"] == rl["grad_clip"] == 0.0
     assert "muon_momentum_warmup" not in mid  # midtraining ramps momentum like pretraining, as the reference
     assert sft_cfg["muon_momentum_warmup"] == rl["muon_momentum_warmup"] == 0

@@ -359,9 +359,9 @@ TOY = RLOptions(task="toy", questions_per_step=2, samples_per_question=4, max_ne
 
 def test_a_learner_exception_restarts_from_the_last_rl_checkpoint(ray_cluster, sft_root, smoke_tokenizer_dir,
                                                                    data_root, capsys):
-    from nanochat_ray.rl.driver import rl_config_defaults
+    from nanochat_ray.config import stage_defaults
 
-    cfg = make_config("smoke", depth=1, **{**rl_config_defaults("smoke"), "num_iterations": 4, "save_every": 2,
+    cfg = make_config("smoke", depth=1, **{**stage_defaults("rl", "smoke"), "num_iterations": 4, "save_every": 2,
                                            "eval_every": 0})
     result = rl_train(cfg, TOY, tokenizer_dir=smoke_tokenizer_dir, data_root=str(data_root), fresh=True,
                       max_failures=1, artifact_root=sft_root, fail_at_step=3, fail_in="learner")

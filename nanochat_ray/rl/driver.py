@@ -63,25 +63,6 @@ class RLOptions:
     call_timeout_s: float = 3600.0  # the longest any one actor call may take (a pass@k eval is the longest)
 
 
-# Small presets sample little and evaluate few questions, so the plumbing runs in seconds (smoke)
-# or minutes (cpu); the GPU presets take SPEC §10 as it is. Any flag overrides.
-RL_PRESETS = {
-    "smoke": dict(questions_per_step=2, samples_per_question=4, max_new_tokens=16, eval_questions=4),
-    "cpu": dict(questions_per_step=4, samples_per_question=4, max_new_tokens=64, eval_questions=16),
-}
-RL_CONFIG = {  # Config fields of the RL stage, per preset (SPEC §10: 5% of base LRs, linear decay)
-    "smoke": dict(num_iterations=8, eval_every=4, save_every=4),
-    "cpu": dict(num_iterations=10, eval_every=5, save_every=5),
-}
-RL_CONFIG_DEFAULT = dict(num_iterations=-1, eval_every=60, save_every=60)  # -1: one epoch of GSM8K train
-
-
-def rl_config_defaults(preset: str) -> dict:
-    # no gradient clipping and constant Muon momentum, as the reference's RL
-    return dict(init_lr_frac=0.05, warmdown_ratio=1.0, final_lr_frac=0.0, grad_clip=0.0, muon_momentum_warmup=0,
-                **RL_CONFIG.get(preset, RL_CONFIG_DEFAULT))
-
-
 def check_options(options: RLOptions) -> None:
     def check(ok: bool, message: str) -> None:
         if not ok:
@@ -182,7 +163,7 @@ def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root:
     """
     check_options(options)
     stage_dir = check_stage(cfg, "rl", tokenizer_dir, 1, resume, fresh, artifact_root)
-    start_from = previous_checkpoint("sft", cfg, artifact_root)
+    start_from = previous_checkpoint("rl", cfg, artifact_root)
     mirror = mirror_root(data_root)  # resolved here: actors see neither relative paths nor our environment
     mirror = str(mirror) if mirror else None
     train_task = load_reward_task(options.task, "train", mirror)  # missing data fails here, before Ray

@@ -4,7 +4,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nanochat_ray.common import base_dir
+from nanochat_ray.common import default_tokenizer_dir
 from nanochat_ray.config import add_config_args
 
 
@@ -25,4 +25,4 @@ def training_parser(description: str) -> argparse.ArgumentParser:
 
 
 def tokenizer_dir(args: argparse.Namespace) -> Path:
-    return args.tokenizer_dir or base_dir() / "tokenizer"
+    return args.tokenizer_dir or default_tokenizer_dir()

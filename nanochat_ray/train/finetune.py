@@ -29,7 +29,7 @@ from nanochat_ray.tasks import (ARC, GSM8K, MMLU, Identity, SimpleSpelling, Smol
                                 TaskMixture)
 from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.data.rows import PAD_ID, to_batch
-from nanochat_ray.stage import PREVIOUS, SAMPLE_QUESTIONS, check_stage, previous_checkpoint
+from nanochat_ray.stage import SAMPLE_QUESTIONS, check_stage, previous_checkpoint
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers
 from nanochat_ray.train.worker import TrainSpec, fit
 
@@ -199,7 +199,7 @@ def chat_train(stage: str, cfg: Config, *, tokenizer_dir: Path, data_root: str |
                fail_at_step: int | None = None) -> dict:
     """Midtrain (stage "mid", from the latest base checkpoint) or SFT (stage "sft", from mid)."""
     stage_dir = check_stage(cfg, stage, tokenizer_dir, num_workers, resume, fresh, artifact_root)
-    start_from = previous_checkpoint(PREVIOUS[stage], cfg, artifact_root)
+    start_from = previous_checkpoint(stage, cfg, artifact_root)
     mirror = mirror_root(data_root)  # resolved here: workers see neither relative paths nor our environment
     mirror = str(mirror) if mirror else None
     fallbacks = Fallbacks()
