@@ -17,7 +17,7 @@ from nanochat_ray.common import init_ray
 from nanochat_ray.config import config_from_args
 from nanochat_ray.data.download import shards_needed, start_downloads, train_and_val_shards
 from nanochat_ray.data.registry import resolve
-from nanochat_ray.train.cli import tokenizer_dir, training_parser
+from nanochat_ray.train.cli import run_options, training_parser
 from nanochat_ray.train.pretrain import pretrain
 from nanochat_ray.stage import check_stage
 
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="CPUs reserved by each tokenizer actor (default 1 with GPUs; 0 on CPU-only "
                              "runs, where the actors share the workers' cores instead of starving them)")
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
-    check_stage(cfg, "base", tokenizer_dir(args), args.num_workers, args.resume, args.fresh)  # before Ray starts
+    cfg, run = config_from_args(args), run_options(args)
+    stage_dir = check_stage(cfg, "base", run)  # before Ray starts
     init_ray()
     # shards already fetched by jobs/tokenizer.py are skipped; a mirror's are used in place
     downloads = start_downloads(args.num_shards or shards_needed(cfg), args.data_root)
@@ -40,11 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     downloads.wait()
     core_bundle = resolve("core_eval_bundle", "all", args.data_root) if cfg.core_every > 0 else None
     data_actor_cpus = args.data_actor_cpus if args.data_actor_cpus is not None else float(args.use_gpu)
-    result = pretrain(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-                      train_shards=train_shards, val_shard=val_shard, tokenizer_dir=tokenizer_dir(args),
-                      resume=args.resume, fresh=args.fresh, max_failures=args.max_failures,
-                      data_actors=args.data_actors, data_actor_cpus=data_actor_cpus, core_bundle=core_bundle,
-                      fail_at_step=args.fail_at_step)
+    result = pretrain(cfg, run, train_shards=train_shards, val_shard=val_shard, data_actors=args.data_actors,
+                      data_actor_cpus=data_actor_cpus, core_bundle=core_bundle, stage_dir=stage_dir)
     print(f"done: {result['metrics']}\ncheckpoint: {result['checkpoint']}")
     return result
 

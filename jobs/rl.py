@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from nanochat_ray.config import RL_OPTIONS, config_from_args, default_preset
 from nanochat_ray.rl.driver import RLOptions, rl_train
-from nanochat_ray.train.cli import tokenizer_dir, training_parser
+from nanochat_ray.train.cli import run_options, training_parser
 
 FLAGS = {  # RLOptions field → help
     "task": "gsm8k, or toy: 'answer with the number 7', a plumbing check whose reward must rise",
@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     options = RLOptions(**{**RL_OPTIONS.get(preset, {}),
                            **{f.name: getattr(args, f.name) for f in fields(RLOptions) if getattr(args, f.name) is not None}})
     cfg = config_from_args(args, "rl")
-    result = rl_train(cfg, options, tokenizer_dir=tokenizer_dir(args), data_root=args.data_root, use_gpu=args.use_gpu,
-                      cpus_per_worker=args.cpus_per_worker, resume=args.resume, fresh=args.fresh,
-                      max_failures=args.max_failures, fail_at_step=args.fail_at_step)
+    result = rl_train(cfg, options, run_options(args))
     print(f"done: {result['metrics']}\ncheckpoint: {result['checkpoint']}")
     return result
 

@@ -14,15 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from nanochat_ray.config import config_from_args
 from nanochat_ray.train.finetune import chat_train
-from nanochat_ray.train.cli import tokenizer_dir, training_parser
+from nanochat_ray.train.cli import run_options, training_parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = training_parser(__doc__).parse_args(argv)
-    result = chat_train("sft", config_from_args(args, "sft"), tokenizer_dir=tokenizer_dir(args),
-                        data_root=args.data_root, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                        cpus_per_worker=args.cpus_per_worker, resume=args.resume, fresh=args.fresh,
-                        max_failures=args.max_failures, fail_at_step=args.fail_at_step)
+    result = chat_train("sft", config_from_args(args, "sft"), run_options(args))
     print(f"done: {result['metrics']}\ncheckpoint: {result['checkpoint']}")
     return result
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,20 +38,35 @@ RL_GAUGES = ("mean_reward", "rollout_tokens_per_second", "learner_seconds", "rol
 # before a stage starts
 
 
-def check_stage(cfg: Config, stage: str, tokenizer_dir: Path, num_workers: int = 1, resume: bool = False,
-                fresh: bool = False, artifact_root: Path | None = None) -> Path:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a stage runs, as opposed to what it trains (Config): built once from the command line
+    (train/cli.run_options) and handed to the stage's driver, its checks and Ray Train."""
+    tokenizer_dir: Path
+    data_root: str | None = None  # a local mirror laid out like shared/data
+    num_workers: int = 1  # training workers (RL: its one learner)
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1.0
+    resume: bool = False  # continue the stage's latest checkpoint
+    fresh: bool = False  # move an existing run of the stage aside and start over
+    max_failures: int = 2  # restarts of the workers (or RL's actors) before giving up
+    artifact_root: Path | None = None  # default: base_dir()
+    fail_at_step: int | None = None  # tests: a worker fails after this step, once
+
+
+def check_stage(cfg: Config, stage: str, run: RunOptions) -> Path:
     """Everything that can be wrong before any work: config, tokenizer, an existing run.
 
     Returns the stage directory, ready to write into (--fresh moves an old run aside).
     """
-    validate(cfg, world_size=num_workers)
-    tokenizer = Tokenizer.from_directory(tokenizer_dir)
+    validate(cfg, world_size=run.num_workers)
+    tokenizer = Tokenizer.from_directory(run.tokenizer_dir)
     if tokenizer.vocab_size != cfg.vocab_size:
-        raise ConfigError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens but vocab_size is "
+        raise ConfigError(f"the tokenizer in {run.tokenizer_dir} has {tokenizer.vocab_size} tokens but vocab_size is "
                           f"{cfg.vocab_size}: pass --vocab-size {tokenizer.vocab_size}, or retrain the tokenizer")
-    stage_dir = checkpoint_dir(stage, cfg.model_tag, artifact_root)
-    if latest_step(stage_dir) is not None and not resume:
-        if not fresh:
+    stage_dir = checkpoint_dir(stage, cfg.model_tag, run.artifact_root)
+    if latest_step(stage_dir) is not None and not run.resume:
+        if not run.fresh:
             raise ConfigError(f"{stage_dir} already holds a {cfg.model_tag} {stage} run: pass --resume to "
                               f"continue it, or --fresh to move it aside and start over")
         aside = stage_dir.with_name(f"{stage_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")

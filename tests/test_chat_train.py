@@ -15,7 +15,7 @@ from nanochat_ray.train.finetune import ChatData, chat_train, packed_rows, padde
 from nanochat_ray.data.rows import PAD_ID, to_batch
 from nanochat_ray.train.loop import TrainState
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.stage import METRICS_LOG
+from nanochat_ray.stage import METRICS_LOG, RunOptions
 
 MISSING = {"MMLU auxiliary_train", "ARC-Easy train", "ARC-Challenge train"}  # splits the offline mirror lacks
 
@@ -25,11 +25,11 @@ def trained(ray_cluster, data_root, smoke_tokenizer_dir, tmp_path_factory):
     """base → mid → sft on the smoke preset, under one artifact root."""
     root = tmp_path_factory.mktemp("chat")
     shards = sorted((data_root / "pretrain_text").glob("shard_*.parquet"))
-    pretrain(make_config("smoke"), train_shards=shards[:1], val_shard=shards[-1],
-             tokenizer_dir=smoke_tokenizer_dir, artifact_root=root, data_actor_cpus=0.0)
+    pretrain(make_config("smoke"), RunOptions(tokenizer_dir=smoke_tokenizer_dir, artifact_root=root),
+             train_shards=shards[:1], val_shard=shards[-1], data_actor_cpus=0.0)
     for stage, overrides in (("mid", {}), ("sft", dict(init_lr_frac=0.02, warmdown_ratio=1.0))):
-        chat_train(stage, make_config("smoke", **overrides), tokenizer_dir=smoke_tokenizer_dir,
-                   data_root=str(data_root), artifact_root=root, num_workers=2)
+        chat_train(stage, make_config("smoke", **overrides), RunOptions(
+            tokenizer_dir=smoke_tokenizer_dir, data_root=str(data_root), artifact_root=root, num_workers=2))
     return root
 
 
@@ -62,8 +62,8 @@ def test_sft_starts_from_mid_and_saves(trained, smoke_tokenizer_dir, data_root):
 
 def test_stage_needs_the_previous_one(smoke_tokenizer_dir, data_root, tmp_path):
     with pytest.raises(ConfigError, match="jobs/pretrain.py"):
-        chat_train("mid", make_config("smoke"), tokenizer_dir=smoke_tokenizer_dir, data_root=str(data_root),
-                   artifact_root=tmp_path)
+        chat_train("mid", make_config("smoke"), RunOptions(tokenizer_dir=smoke_tokenizer_dir, data_root=str(data_root),
+                                                           artifact_root=tmp_path))
 
 
 def test_packed_rows_keep_masks_and_order(smoke_tokenizer_dir, data_root):

@@ -1,7 +1,7 @@
 """
 The RL driver (SPEC §10): one learner actor, a pool of rollout actors, on-policy steps.
 
-    rl_train(cfg, RLOptions(), tokenizer_dir=..., data_root=...)     # python jobs/rl.py
+    rl_train(cfg, RLOptions(), RunOptions(tokenizer_dir=...))     # python jobs/rl.py
 
 Each step:
   1. the learner's weights are published once (one ray.put per version) and loaded by every
@@ -40,7 +40,7 @@ from nanochat_ray.data.registry import mirror_root
 from nanochat_ray.rl.actors import LearnerActor, RolloutActor, RolloutResult
 from nanochat_ray.rl.policy import default_questions_per_call, pass_at_k
 from nanochat_ray.rl.tasks import load_reward_task
-from nanochat_ray.stage import RL_GAUGES, MetricRecorder, check_stage, previous_checkpoint
+from nanochat_ray.stage import RL_GAUGES, MetricRecorder, RunOptions, check_stage, previous_checkpoint
 
 EVAL_SEED_OFFSET = 1_000_000_007  # eval samples are seeded apart from training samples
 EVAL_QUESTIONS_PER_CALL = 16  # bounds an eval call's KV cache (16 questions × eval_samples rows)
@@ -149,22 +149,21 @@ def question_order(num_examples: int, seed: int, step: int, per_step: int) -> li
     return [int(orders[e][i]) for e, i in positions]
 
 
-def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root: str | None = None,
-             use_gpu: bool = False, cpus_per_worker: float = 1.0, resume: bool = False, fresh: bool = False,
-             max_failures: int = 2, artifact_root: Path | None = None, fail_at_step: int | None = None,
-             fail_in: str = "rollout") -> dict:
+def rl_train(cfg: Config, options: RLOptions, run: RunOptions, fail_in: str = "rollout") -> dict:
     """Train stage `rl` from the latest `sft` checkpoint; returns the last metrics and checkpoint path.
 
     When an actor dies (a lost node, an out-of-memory kill), the learner or a rollout actor raises,
     or a call outlives options.call_timeout_s, every actor is restarted and the run resumes from
-    the last rl checkpoint, up to max_failures times (FailureConfig's behaviour for the
-    TorchTrainer stages). fail_at_step (tests) fails once at that step: fail_in "rollout" kills a
-    rollout actor after it, "learner" makes the learner's update raise.
+    the last rl checkpoint, up to run.max_failures times (FailureConfig's behaviour for the
+    TorchTrainer stages). run.fail_at_step (tests) fails once at that step: fail_in "rollout" kills
+    a rollout actor after it, "learner" makes the learner's update raise. The learner is one actor
+    (run.num_workers must be 1) with run.cpus_per_worker CPUs.
     """
     check_options(options)
-    stage_dir = check_stage(cfg, "rl", tokenizer_dir, 1, resume, fresh, artifact_root)
-    start_from = previous_checkpoint("rl", cfg, artifact_root)
-    mirror = mirror_root(data_root)  # resolved here: actors see neither relative paths nor our environment
+    stage_dir = check_stage(cfg, "rl", run)
+    start_from = previous_checkpoint("rl", cfg, run.artifact_root)
+    use_gpu, cpus_per_worker, max_failures = run.use_gpu, run.cpus_per_worker, run.max_failures
+    mirror = mirror_root(run.data_root)  # resolved here: actors see neither relative paths nor our environment
     mirror = str(mirror) if mirror else None
     train_task = load_reward_task(options.task, "train", mirror)  # missing data fails here, before Ray
     eval_questions = min(options.eval_questions, len(load_reward_task(options.task, "test", mirror)))
@@ -180,11 +179,11 @@ def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root:
     history: list[dict] = []  # every attempt's steps (a step redone after a failure appears twice)
     for attempt in range(max_failures + 1):
         launched = time.perf_counter()
-        fail = fail_at_step if attempt == 0 else None
+        fail = run.fail_at_step if attempt == 0 else None
         learner = LearnerActor.options(num_cpus=cpus_per_worker, **gpus).remote(
-            cfg, str(stage_dir), str(start_from), resume or attempt > 0, {"rl": asdict(options)},
+            cfg, str(stage_dir), str(start_from), run.resume or attempt > 0, {"rl": asdict(options)},
             fail_at_step=fail if fail_in == "learner" else None)
-        actors = [RolloutActor.options(num_cpus=options.cpus_per_actor, **gpus).remote(cfg, str(tokenizer_dir), mirror)
+        actors = [RolloutActor.options(num_cpus=options.cpus_per_actor, **gpus).remote(cfg, str(run.tokenizer_dir), mirror)
                   for _ in range(options.num_rollout_actors)]
         try:
             started = wait_for(learner.describe.remote(), options.call_timeout_s, "starting the learner")

@@ -1,4 +1,5 @@
-"""Command-line flags shared by the training jobs (jobs/pretrain.py, midtrain.py, sft.py)."""
+"""Command-line flags shared by the training jobs (python jobs/pretrain.py, midtrain.py, sft.py, rl.py), and
+the RunOptions built from them once."""
 
 import argparse
 import os
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from nanochat_ray.common import default_tokenizer_dir
 from nanochat_ray.config import add_config_args
+from nanochat_ray.stage import RunOptions
 
 
 def training_parser(description: str) -> argparse.ArgumentParser:
@@ -24,5 +26,8 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def tokenizer_dir(args: argparse.Namespace) -> Path:
-    return args.tokenizer_dir or default_tokenizer_dir()
+def run_options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(tokenizer_dir=args.tokenizer_dir or default_tokenizer_dir(), data_root=args.data_root,
+                      num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+                      resume=args.resume, fresh=args.fresh, max_failures=args.max_failures,
+                      fail_at_step=args.fail_at_step)

@@ -13,13 +13,12 @@ is the step.
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from nanochat_ray.common import autocast, compute_dtype
+from nanochat_ray.common import autocast, compute_dtype, init_ray
 from nanochat_ray.config import Config
 from nanochat_ray.data.registry import DataUnavailableError, mirror_root
 from nanochat_ray.evals.bpb import evaluate_bpb
@@ -29,7 +28,7 @@ from nanochat_ray.tasks import (ARC, GSM8K, MMLU, Identity, SimpleSpelling, Smol
                                 TaskMixture)
 from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.data.rows import PAD_ID, to_batch
-from nanochat_ray.stage import SAMPLE_QUESTIONS, check_stage, previous_checkpoint
+from nanochat_ray.stage import SAMPLE_QUESTIONS, RunOptions, check_stage, previous_checkpoint
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers
 from nanochat_ray.train.worker import TrainSpec, fit
 
@@ -193,20 +192,17 @@ class ChatData:
                 for q in SAMPLE_QUESTIONS]
 
 
-def chat_train(stage: str, cfg: Config, *, tokenizer_dir: Path, data_root: str | None = None,
-               num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0, resume: bool = False,
-               fresh: bool = False, max_failures: int = 2, artifact_root: Path | None = None,
-               fail_at_step: int | None = None) -> dict:
+def chat_train(stage: str, cfg: Config, run: RunOptions) -> dict:
     """Midtrain (stage "mid", from the latest base checkpoint) or SFT (stage "sft", from mid)."""
-    stage_dir = check_stage(cfg, stage, tokenizer_dir, num_workers, resume, fresh, artifact_root)
-    start_from = previous_checkpoint(stage, cfg, artifact_root)
-    mirror = mirror_root(data_root)  # resolved here: workers see neither relative paths nor our environment
+    stage_dir = check_stage(cfg, stage, run)
+    start_from = previous_checkpoint(stage, cfg, run.artifact_root)
+    mirror = mirror_root(run.data_root)  # resolved here: workers see neither relative paths nor our environment
     mirror = str(mirror) if mirror else None
     fallbacks = Fallbacks()
     mixture = training_mixture(stage, mirror, cfg.seed, fallbacks)  # missing data fails here, before Ray
     print(f"{stage}: {len(mixture):,} conversations, starting from {start_from}")
-    data = ChatData(stage, str(tokenizer_dir), mirror, fallbacks.missing)
-    spec = TrainSpec(stage, cfg, stage_dir, data, resume=resume, init_from=start_from,
-                     fail_at_step=fail_at_step)
-    return fit(spec, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
-               max_failures=max_failures)
+    data = ChatData(stage, str(run.tokenizer_dir), mirror, fallbacks.missing)
+    spec = TrainSpec(stage, cfg, stage_dir, data, resume=run.resume, init_from=start_from,
+                     fail_at_step=run.fail_at_step)
+    init_ray()
+    return fit(spec, run)

@@ -23,7 +23,7 @@ from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.gpt import GPT
 from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.data.rows import to_batch, val_rows
-from nanochat_ray.stage import SAMPLE_PROMPTS, check_stage
+from nanochat_ray.stage import SAMPLE_PROMPTS, RunOptions, check_stage
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers
 from nanochat_ray.train.worker import TrainSpec, fit
 
@@ -77,28 +77,27 @@ class PretrainData:
         return [tokenizer.encode(prompt, prepend="<|bos|>") for prompt in SAMPLE_PROMPTS]
 
 
-def pretrain(cfg: Config, *, num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
-             train_shards: list[Path], val_shard: Path, tokenizer_dir: Path, resume: bool = False,
-             fresh: bool = False, max_failures: int = 2, data_actors: int = 1, data_actor_cpus: float = 0.5,
-             core_bundle: Path | None = None, artifact_root: Path | None = None,
-             fail_at_step: int | None = None, callbacks: list | None = None) -> dict:
+def pretrain(cfg: Config, run: RunOptions, *, train_shards: list[Path], val_shard: Path, data_actors: int = 1,
+             data_actor_cpus: float = 0.5, core_bundle: Path | None = None, callbacks: list | None = None,
+             stage_dir: Path | None = None) -> dict:
     """Run base pretraining with Ray Train; returns the final metrics and checkpoint path.
 
-    Every input is checked before Ray starts (a local Ray is started when none is running).
-    `core_bundle` (the DCLM eval bundle directory) is needed when cfg.core_every > 0. `callbacks`
-    go to Ray Train's RunConfig (jobs/sweep.py forwards each report to Tune this way).
+    Every input is checked before Ray starts (a local Ray is started when none is running);
+    `stage_dir` is what check_stage returned when the caller checked already (jobs/pretrain.py,
+    before its downloads). `core_bundle` (the DCLM eval bundle directory) is needed when
+    cfg.core_every > 0. `callbacks` go to Ray Train's RunConfig (jobs/sweep.py forwards each
+    report to Tune this way).
     """
-    stage_dir = check_stage(cfg, "base", tokenizer_dir, num_workers, resume, fresh, artifact_root)
+    stage_dir = stage_dir or check_stage(cfg, "base", run)
     row_groups(train_shards + [val_shard])  # a missing or corrupt shard fails here, by name
     if cfg.core_every > 0 and core_bundle is None:
         raise ConfigError("core_every > 0 needs the CORE eval bundle (core_bundle); or pass --core-every -1")
     init_ray()
-    feeder = BatchFeeder.remote([str(p) for p in train_shards], str(tokenizer_dir), cfg.seq_len,
+    feeder = BatchFeeder.remote([str(p) for p in train_shards], str(run.tokenizer_dir), cfg.seq_len,
                                 data_actors, data_actor_cpus)
-    data = PretrainData(feeder, str(tokenizer_dir), str(val_shard), str(core_bundle) if core_bundle else None)
+    data = PretrainData(feeder, str(run.tokenizer_dir), str(val_shard), str(core_bundle) if core_bundle else None)
     try:
-        return fit(TrainSpec("base", cfg, stage_dir, data, resume=resume, fail_at_step=fail_at_step),
-                   num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
-                   max_failures=max_failures, callbacks=callbacks)
+        return fit(TrainSpec("base", cfg, stage_dir, data, resume=run.resume, fail_at_step=run.fail_at_step), run,
+                   callbacks=callbacks)
     finally:
         ray.kill(feeder)

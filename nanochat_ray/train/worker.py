@@ -28,12 +28,12 @@ from ray.train.torch import TorchTrainer
 
 from nanochat_ray.checkpoint import (describe_file, finalize_checkpoint, latest_step, load_checkpoint,
                                      mark_latest, read_checkpoint, step_name, write_checkpoint)
-from nanochat_ray.common import compute_dtype, dashboard_gauges, init_ray, maybe_compile, peak_flops, print0
+from nanochat_ray.common import compute_dtype, dashboard_gauges, maybe_compile, peak_flops, print0
 from nanochat_ray.config import Config
 from nanochat_ray.gpt import GPT, build_gpt
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.stage import (TRAINING_GAUGES, MetricRecorder, checkpoint_meta, greedy_samples, stage_optimizers,
-                                without_compile_prefix)
+from nanochat_ray.stage import (TRAINING_GAUGES, MetricRecorder, RunOptions, checkpoint_meta, greedy_samples,
+                                stage_optimizers, without_compile_prefix)
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, run
 
 class DataSource(Protocol):
@@ -164,19 +164,18 @@ def save_and_report(metrics: dict, meta: dict, model: GPT, optimizers: list, ran
 # the driver
 
 
-def fit(spec: TrainSpec, *, num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
-        max_failures: int = 2, callbacks: list | None = None) -> dict:
-    """Run one training stage on Ray Train; returns the final metrics and checkpoint path.
+def fit(spec: TrainSpec, run: RunOptions, callbacks: list | None = None) -> dict:
+    """Run one training stage on Ray Train (the stage's driver has started Ray); returns the final
+    metrics and checkpoint path.
 
     `callbacks` go to the RunConfig (e.g. Tune's TuneReportCallback when a sweep runs the stage).
     """
-    init_ray()
-    resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    resources = {"CPU": run.cpus_per_worker} | ({"GPU": 1} if run.use_gpu else {})
     trainer = TorchTrainer(
         train_worker, train_loop_config=spec,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=spec.stage_dir.name, storage_path=str(spec.stage_dir.parent),
-                             failure_config=FailureConfig(max_failures=max_failures),
+                             failure_config=FailureConfig(max_failures=run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=3), callbacks=callbacks),
     )
     result = trainer.fit()
