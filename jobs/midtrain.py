@@ -12,16 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from nanochat_ray.config import config_from_args
-from nanochat_ray.train.finetune import chat_train
-from nanochat_ray.train.cli import run_options, training_parser
+from nanochat_ray.train import finetune
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = training_parser(__doc__).parse_args(argv)
-    result = chat_train("mid", config_from_args(args, "mid"), run_options(args))
-    print(f"done: {result['metrics']}\ncheckpoint: {result['checkpoint']}")
-    return result
+    return finetune.main("mid", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from nanochat_ray.common import autocast, compute_dtype, init_ray
-from nanochat_ray.config import Config
+from nanochat_ray.config import Config, config_from_args
 from nanochat_ray.data.registry import DataUnavailableError, mirror_root
 from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.evals.chatcore import evaluate_categorical, load_eval_task
@@ -29,6 +29,7 @@ from nanochat_ray.tasks import (ARC, GSM8K, MMLU, Identity, SimpleSpelling, Smol
 from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.data.rows import PAD_ID, to_batch
 from nanochat_ray.stage import SAMPLE_QUESTIONS, RunOptions, check_stage, previous_checkpoint
+from nanochat_ray.train.cli import run_options, training_parser
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers
 from nanochat_ray.train.worker import TrainSpec, fit
 
@@ -206,3 +207,11 @@ def chat_train(stage: str, cfg: Config, run: RunOptions) -> dict:
                      fail_at_step=run.fail_at_step)
     init_ray()
     return fit(spec, run)
+
+
+def main(stage: str, description: str, argv: list[str] | None = None) -> dict:
+    """The command line of jobs/midtrain.py and jobs/sft.py: the training flags over the stage's defaults."""
+    args = training_parser(description).parse_args(argv)
+    result = chat_train(stage, config_from_args(args, stage), run_options(args))
+    print(f"done: {result['metrics']}\ncheckpoint: {result['checkpoint']}")
+    return result
