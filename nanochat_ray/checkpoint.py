@@ -25,6 +25,8 @@ Several ranks on a shared file system: every rank calls save_checkpoint with its
 state and barrier=torch.distributed.barrier. Ray Train (train/worker.py): each rank calls
 write_checkpoint into its own temp dir, rank 0 calls finalize_checkpoint with the other ranks'
 file hashes, and Ray merges the directories into the step's place in storage.
+
+Run by: every training job writes them (python jobs/pretrain.py, midtrain.py, sft.py, rl.py); tested by python -m pytest tests/test_checkpoint.py.
 """
 
 import dataclasses

@@ -6,6 +6,8 @@ Run configuration: one dial (depth) plus named presets, all plain data.
 Every job takes `--preset NAME` (default: `d20` when the Ray cluster, or without one this
 machine, has a GPU, else `cpu`) and a `--field-name VALUE` flag for every field below. Bad values fail here, before any work,
 with a message that names the field.
+
+Run by: every job reads it (e.g. python jobs/pretrain.py --preset cpu --depth 6); tested by python -m pytest tests/test_config.py.
 """
 
 import argparse

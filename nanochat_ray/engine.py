@@ -15,6 +15,8 @@ Three pieces, each usable alone:
 Tool use: when a row emits <|python_start|> expr <|python_end|>, expr is evaluated by
 `calculator.calculate` and <|output_start|> result <|output_end|> is forced into that row's
 next steps with mask 0, so RL does not train on the tool's words.
+
+Run by: python jobs/chat_cli.py, the chat server (python jobs/serve.py), RL and the chat evals; tested by python -m pytest tests/test_engine.py.
 """
 
 from collections import deque

@@ -17,6 +17,8 @@ Set NANOCHAT_API_KEY in the environment that builds the app to require
 request must be JSON from no other origin, its body is refused past 1 MB while it is read, and it
 ends with 504 after request_timeout_s. A model replica whose decode loop is stuck, or whose last
 steps all failed, reports itself unhealthy, and Serve replaces it.
+
+Run by: python jobs/serve.py (or serve run serve.app:app).
 """
 
 import asyncio

@@ -13,6 +13,8 @@ Crashes cost little: an actor whose process dies is restarted by Ray (it reloads
 its unfinished calls are retried (MAX_RESTARTS); every finished task's counts are written to the
 progress file at once, so a re-run of the same evaluation skips them (the file goes when the
 final results are saved).
+
+Run by: python jobs/base_eval.py and python jobs/chat_eval.py.
 """
 
 import json

@@ -8,6 +8,8 @@ sampling and checking, and the ChatCORE summary.
 Plain torch, no Ray. To shard, give each worker some of the example indices and add the results
 in the driver, `sum(results, EvalResult())`: exact, because results carry counts, and sampling is
 seeded per example, so a sample does not depend on which shard drew it.
+
+Run by: python jobs/chat_eval.py --stage sft (and SFT's quick evals); tested by python -m pytest tests/test_chat_eval.py.
 """
 
 import contextlib

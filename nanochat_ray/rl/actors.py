@@ -10,6 +10,8 @@ The Ray actors of RL: rollout workers that sample and score, and the one learner
 
 A worker refuses to sample with weights other than the version asked for (StaleWeightsError)
 unless allow_stale is set, so on-policy training can't silently use old weights.
+
+Run by: python jobs/rl.py --preset cpu.
 """
 
 import time

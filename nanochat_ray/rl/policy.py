@@ -10,6 +10,8 @@ model sampled, divided by the number of such tokens of that question; then the m
 step's questions. Prompt tokens, the calculator's forced tokens and the terminal token
 (<|assistant_end|> / <|bos|>) have mask 0, so target −1: context, never trained on (the
 reference's engine leaves the terminal token out of the sequence). No KL, no clipping: on-policy.
+
+Run by: python jobs/rl.py --preset cpu; tested by python -m pytest tests/test_rl.py.
 """
 
 import contextlib

@@ -8,6 +8,8 @@ Tasks: datasets as lists of conversations for midtraining, SFT and chat evaluati
     mix = TaskMixture([SmolTalk("train", "shared/data"), identity, identity], seed=42)  # identity ×2
 
 Every file comes through data/registry.py (the offline mirror, else the hub).
+
+Run by: python jobs/midtrain.py, jobs/sft.py, jobs/chat_eval.py; tested by python -m pytest tests/test_tasks.py.
 """
 
 from nanochat_ray.tasks.base import CustomJSON, Task, TaskMixture, validate_conversation

@@ -7,6 +7,8 @@ The pretraining loop of one worker, plain PyTorch: no Ray in here.
 `hooks` report metrics and save checkpoints. The Ray Train worker (train/pretrain.py) and
 the tests plug in their own, so the same loop runs under TorchTrainer and in one process.
 Gradients are synced by the distributed optimizers (optim.py), not by a DDP wrapper.
+
+Run by: python jobs/pretrain.py (and midtrain.py, sft.py); tested by python -m pytest tests/test_loop.py.
 """
 
 import time

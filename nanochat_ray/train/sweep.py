@@ -8,6 +8,8 @@ val bits per byte fall behind at a rung.
 
 Ray 2.60 runs Train inside Tune as `Tuner(function)` whose function calls TorchTrainer.fit(); Train's
 reports reach Tune only through a callback (EvalsToTune, below).
+
+Run by: python jobs/sweep.py --preset smoke.
 """
 
 import dataclasses

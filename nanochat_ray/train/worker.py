@@ -10,6 +10,8 @@ source. `fit(spec, ...)` runs a TorchTrainer whose workers each:
   - report metrics every step and a checkpoint every cfg.save_every steps.
 Checkpoints land in <base_dir>/checkpoints/<stage>/<model_tag>/step_NNNNNN (the Ray run's storage
 path), in the format of checkpoint.py, so every later stage loads them without Ray.
+
+Run by: python jobs/pretrain.py, jobs/midtrain.py, jobs/sft.py.
 """
 
 import dataclasses
