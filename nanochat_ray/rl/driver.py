@@ -190,9 +190,9 @@ def rl_train(cfg: Config, options: RLOptions, run: RunOptions, fail_in: str = "r
             print(f"rl: {options.task}, {Q} questions x {S} samples per step, steps {started['step']}.."
                   f"{num_iterations}, {len(actors)} rollout actor(s), starting from {started['started_from']} "
                   f"(actors up in {time.perf_counter() - launched:.1f}s)", flush=True)
-            run = RLRun(cfg, options, stage_dir, learner, Rollouts(actors, options), num_iterations, len(train_task),
-                        eval_questions, per_call, history)
-            return run.train(started["step"], fail if fail_in == "rollout" else None)
+            steps = RLRun(cfg, options, stage_dir, learner, Rollouts(actors, options), num_iterations, len(train_task),
+                          eval_questions, per_call, history)
+            return steps.train(started["step"], fail if fail_in == "rollout" else None)
         except RESTARTABLE as e:
             if attempt == max_failures:
                 raise
