@@ -1,7 +1,8 @@
 """
-What every training stage shares, Ray-free: the checks before a stage starts and where it starts
-from, its optimizers and their schedule, its checkpoint's meta, its metric records, and the
-fixed prompts whose greedy continuations show how a model is doing. The TorchTrainer stages
+What every training stage shares, Ray-free: how it runs (RunOptions, built once from the flags),
+the checks before it starts and where it starts from, its optimizers and their schedule, its
+checkpoint's meta, its metric records, and the fixed prompts whose greedy continuations show how
+a model is doing. The TorchTrainer stages
 (train/worker.py) and RL's learner and driver (rl/) are built from these pieces.
 
     python jobs/pretrain.py | jobs/midtrain.py | jobs/sft.py | jobs/rl.py
