@@ -40,8 +40,9 @@ import ray
 from nanochat_ray.config import make_config
 from nanochat_ray.data.pipeline import BatchFeeder
 from nanochat_ray.data.registry import mirror_root
+from nanochat_ray.stage import RunOptions
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.chat import Fallbacks, chat_feeder, training_mixture
+from nanochat_ray.train.finetune import Fallbacks, chat_feeder, training_mixture
 from nanochat_ray.train.loop import TrainState, real_tokens
 
 D20_TOKENS_PER_SECOND = 1_000_000  # d20 on 8 H100s (issue 16): what the data path must keep up with
@@ -130,8 +131,8 @@ def make_feeder(stage: str, actors: int, args: argparse.Namespace, shards: list[
     if stage == "pretrain":
         return BatchFeeder.remote([str(s) for s in shards], str(tokenizer_dir), args.seq_len, actors, 1.0)
     size, missing = mixtures[stage]
-    return chat_feeder(stage, make_config("d20", seq_len=args.seq_len), tokenizer_dir, str(args.data_root),
-                       missing, size, actors, 1.0)
+    run = RunOptions(tokenizer_dir=tokenizer_dir, data_actors=actors, data_actor_cpus=1.0)
+    return chat_feeder(stage, make_config("d20", seq_len=args.seq_len), run, str(args.data_root), missing, size)
 
 
 def main(argv: list[str] | None = None) -> None:

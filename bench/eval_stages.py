@@ -28,9 +28,10 @@ from nanochat_ray.config import make_config
 from nanochat_ray.data.download import shard_paths, train_and_val_shards
 from nanochat_ray.data.registry import resolve
 from nanochat_ray.evals import core
-from nanochat_ray.evals.actors import Evaluator
+from nanochat_ray.evals.evaluator import Evaluator
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.pretrain import SAMPLE_PROMPTS, val_rows
+from nanochat_ray.data.rows import val_rows
+from nanochat_ray.stage import SAMPLE_PROMPTS
 
 PARTS = ("valrows", "bpb", "samples", "core", "categorical", "generative")
 

@@ -47,7 +47,7 @@ from nanochat_ray.checkpoint import checkpoint_dir
 from nanochat_ray.config import PRESETS, make_config, validate
 from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.train.worker import METRICS_LOG
+from nanochat_ray.stage import METRICS_LOG, RunOptions
 
 STAGE = "base"  # pretrain()'s checkpoints and metrics.jsonl: <artifact root>/checkpoints/base/<model tag>
 DATA_WAIT_GOAL = 0.01
@@ -195,10 +195,10 @@ def bench_run(cfg, workers: int, args, shards, tokenizer_dir: Path, root: Path, 
     if cfg.core_every > 0:  # --evals with a preset that runs CORE during training
         extra["core_bundle"] = Path(args.data_root).resolve() / "core_eval_bundle"
     try:
-        pretrain(cfg, num_workers=workers, use_gpu=args.use_gpu, cpus_per_worker=cpus_per_worker,
-                 train_shards=shards[:-1], val_shard=shards[-1], tokenizer_dir=tokenizer_dir, fresh=True,
-                 max_failures=0, data_actors=args.data_actors, data_actor_cpus=data_actor_cpus, artifact_root=root,
-                 **extra)
+        run = RunOptions(tokenizer_dir=tokenizer_dir, num_workers=workers, use_gpu=args.use_gpu,
+                         cpus_per_worker=cpus_per_worker, fresh=True, max_failures=0, artifact_root=root,
+                         data_actors=args.data_actors, data_actor_cpus=data_actor_cpus)
+        pretrain(cfg, run, train_shards=shards[:-1], val_shard=shards[-1], **extra)
     finally:
         total = time.time() - start
         watcher.stop()

@@ -44,7 +44,8 @@ def main() -> None:
     from nanochat_ray.plan import (GiB, _status_kib, decode_memory, eval_memory, num_params, optimizer_bytes,
                                    param_bytes, recipe, train_memory)
     from nanochat_ray.tokenizer import Tokenizer
-    from nanochat_ray.train.loop import TrainState, run, to_batch
+    from nanochat_ray.data.rows import to_batch
+    from nanochat_ray.train.loop import TrainState, run
 
     cfg = make_config("d20", depth=args.depth, device_batch_size=1, total_batch_size=2048, eval_tokens=2048)
     r = recipe()

@@ -27,7 +27,8 @@ import torch
 from nanochat_ray.checkpoint import checkpoint_dir, save_checkpoint
 from nanochat_ray.config import make_config
 from nanochat_ray.gpt import build_gpt
-from nanochat_ray.rl.loop import RLOptions, rl_train
+from nanochat_ray.rl.driver import RLOptions, rl_train
+from nanochat_ray.stage import RunOptions
 from nanochat_ray.tokenizer import Tokenizer
 
 
@@ -59,7 +60,8 @@ def main() -> None:
     for n in args.actors:
         options = RLOptions(questions_per_step=args.questions, samples_per_question=args.samples,
                             max_new_tokens=args.max_new_tokens, num_rollout_actors=n)
-        result = rl_train(cfg, options, tokenizer_dir=root / "tokenizer", data_root=str(args.data_root), fresh=True)
+        result = rl_train(cfg, options, RunOptions(tokenizer_dir=root / "tokenizer", data_root=str(args.data_root),
+                                                   fresh=True))
         steps = result["history"][1:] or result["history"]  # the first step warms up
 
         def median(key: str) -> float:

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import ray
 
-from nanochat_ray.report import RECORDS_DIR, format_seconds, read_json
+from nanochat_ray.common import format_seconds, read_json
+from nanochat_ray.report import RECORDS_DIR
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

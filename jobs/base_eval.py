@@ -19,21 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import ray
 
-from nanochat_ray.common import base_dir, init_ray
+from nanochat_ray.common import default_tokenizer_dir, eval_results_path, init_ray
 from nanochat_ray.config import config_from_args
 from nanochat_ray.data.download import shard_paths, train_and_val_shards
 from nanochat_ray.data.registry import resolve
-from nanochat_ray.evals.actors import (
-    Progress, eval_parser, evals_dir, run_core, save_results, start_eval_actors,
-)
+from nanochat_ray.evals.actors import run_core, save_results, start_eval_actors
 from nanochat_ray.evals.core import write_results_csv
-from nanochat_ray.train.pretrain import SAMPLE_PROMPTS
+from nanochat_ray.evals.evaluator import Progress, eval_parser, evals_dir
+from nanochat_ray.stage import SAMPLE_PROMPTS
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = eval_parser(__doc__).parse_args(argv)
     cfg = config_from_args(args)
-    tokenizer_dir = args.tokenizer_dir or base_dir() / "tokenizer"
+    tokenizer_dir = args.tokenizer_dir or default_tokenizer_dir()
     bundle = resolve("core_eval_bundle", "all", args.data_root)
     train_shards, val_shard = train_and_val_shards(shard_paths(3, args.data_root))
     init_ray()
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
                                args.cpus_per_actor, allow_untrained=args.allow_untrained)
     label = ray.get(actors[0].describe.remote())
     print(f"evaluating {label}")
-    name = f"base_{cfg.model_tag}"
+    name = eval_results_path("base", cfg.model_tag).stem
     progress = Progress(evals_dir() / f"{name}.progress.json",
                         {"model": label, "max_per_task": args.max_per_task, "config": cfg.to_dict(),
                          "shards": [str(train_shards[0]), str(val_shard)]})

@@ -24,8 +24,9 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nanochat_ray.checkpoint import build_model_from_checkpoint
-from nanochat_ray.common import base_dir, default_device
+from nanochat_ray.common import default_device, default_tokenizer_dir
 from nanochat_ray.config import add_config_args, config_from_args
+from nanochat_ray.detokenizer import TextStream
 from nanochat_ray.engine import Engine
 from nanochat_ray.tokenizer import Tokenizer
 
@@ -34,20 +35,16 @@ def reply(engine: Engine, tokenizer: Tokenizer, messages: list[dict], args: argp
           write: Callable[[str], None]) -> str:
     """Stream one assistant answer to `write`; return its text."""
     prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
-    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
-    tokens: list[int] = []
-    shown = ""
+    text = TextStream(tokenizer)  # each token decoded once; a character split over tokens waits for its end
     for column, _ in engine.generate(prompt, 1, max_tokens=args.max_tokens, temperature=args.temperature,
                                      top_k=args.top_k, seed=args.seed):
-        if column[0] in stops:
+        if delta := text.feed(column):
+            write(delta)
+        if text.stopped:
             break
-        tokens.append(column[0])
-        # decode the whole answer so far: a character may span several byte-level tokens
-        text = tokenizer.decode(tokens)
-        if not text.endswith("\ufffd"):
-            write(text[len(shown):])
-            shown = text
-    return tokenizer.decode(tokens)
+    if rest := text.flush():
+        write(rest)
+    return text.text
 
 
 def reply_remote(url: str, messages: list[dict], args: argparse.Namespace, write: Callable[[str], None]) -> str:
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
     else:
         model, meta = build_model_from_checkpoint(args.stage, cfg.model_tag, args.step, default_device())
         model.eval()
-        tokenizer = Tokenizer.from_directory(args.tokenizer_dir or base_dir() / "tokenizer")
+        tokenizer = Tokenizer.from_directory(args.tokenizer_dir or default_tokenizer_dir())
         engine = Engine(model, tokenizer)
 
         def answer(messages: list[dict]) -> str:

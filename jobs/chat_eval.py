@@ -19,12 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import ray
 
-from nanochat_ray.common import base_dir, init_ray
+from nanochat_ray.common import default_tokenizer_dir, eval_results_path, init_ray
 from nanochat_ray.config import config_from_args
-from nanochat_ray.evals.actors import (
-    Progress, eval_parser, evals_dir, run_chat, save_results, start_eval_actors,
-)
-from nanochat_ray.evals.chat import BASELINES
+from nanochat_ray.evals.actors import run_chat, save_results, start_eval_actors
+from nanochat_ray.evals.evaluator import Progress, eval_parser, evals_dir
+from nanochat_ray.evals.chatcore import BASELINES
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,12 +40,12 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--num-samples > 1 needs --temperature > 0: greedy samples are all the same")
     init_ray()
     start = time.time()
-    actors = start_eval_actors(args.stage, cfg, args.tokenizer_dir or base_dir() / "tokenizer", args.data_root,
+    actors = start_eval_actors(args.stage, cfg, args.tokenizer_dir or default_tokenizer_dir(), args.data_root,
                                args.num_actors, args.use_gpu, args.cpus_per_actor,
                                allow_untrained=args.allow_untrained)
     label = ray.get(actors[0].describe.remote())
     print(f"evaluating {label} on {', '.join(args.tasks)} ({args.max_per_task or 'all'} examples per task)")
-    name = f"chat_{args.stage}_{cfg.model_tag}"
+    name = eval_results_path(args.stage, cfg.model_tag).stem
     options = dict(num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
                    max_tokens=args.max_new_tokens)
     progress = Progress(evals_dir() / f"{name}.progress.json",

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from nanochat_ray.checkpoint import (CheckpointError, build_model_from_checkpoint, checkpoint_dir,
                                      resolve_model_tag, save_checkpoint)
-from nanochat_ray.common import base_dir
+from nanochat_ray.common import base_dir, default_tokenizer_dir
 from nanochat_ray.export import ExportError, export_hf, import_hf
 from nanochat_ray.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.out is not None:
             tag = resolve_model_tag(args.stage, args.model_tag, root)
             model, meta = build_model_from_checkpoint(args.stage, tag, args.step, "cpu", root)
-            out = export_hf(model, Tokenizer.from_directory(root / "tokenizer"), args.out)
+            out = export_hf(model, Tokenizer.from_directory(default_tokenizer_dir(root)), args.out)
             print(f"exported {args.stage}/{tag} step {meta['step']} to {out}")
         else:
             import_into(args.from_hf, args.stage, args.model_tag, args.step or 0, root)
@@ -55,7 +55,7 @@ def import_into(directory: Path, stage: str, model_tag: str | None, step: int, r
     is there already, which must then be the same."""
     model, tokenizer = import_hf(directory)
     tag = model_tag or f"d{model.config.n_layer}"
-    tokenizer_dir = root / "tokenizer"
+    tokenizer_dir = default_tokenizer_dir(root)
     if (tokenizer_dir / TOKENIZER_FILE).is_file():
         if Tokenizer.from_directory(tokenizer_dir).hf.get_vocab() != tokenizer.hf.get_vocab():
             raise ExportError(f"{tokenizer_dir} holds a different tokenizer than {directory}: import into "

@@ -12,26 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from nanochat_ray.config import Config, config_from_args
-from nanochat_ray.train.chat import chat_train
-from nanochat_ray.train.cli import add_data_actor_args, data_actor_options, done_line, tokenizer_dir, training_parser
-
-
-def mid_defaults(preset: Config) -> dict:
-    """As the reference: no gradient clipping (pretraining's Muon momentum warm-up stays). Flags override."""
-    return dict(grad_clip=0.0)
+from nanochat_ray.train import finetune
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = training_parser(__doc__)
-    add_data_actor_args(parser)
-    args = parser.parse_args(argv)
-    result = chat_train("mid", config_from_args(args, mid_defaults), tokenizer_dir=tokenizer_dir(args), data_root=args.data_root,
-                        num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-                        resume=args.resume, fresh=args.fresh, max_failures=args.max_failures,
-                        fail_at_step=args.fail_at_step, **data_actor_options(args))
-    print(done_line(result))
-    return result
+    return finetune.main("mid", __doc__, argv)
 
 
 if __name__ == "__main__":

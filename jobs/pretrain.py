@@ -21,10 +21,10 @@ from nanochat_ray.common import init_ray
 from nanochat_ray.config import config_from_args
 from nanochat_ray.data.download import shards_needed, start_downloads, train_and_val_shards
 from nanochat_ray.data.registry import resolve
+from nanochat_ray.stage import check_stage
 from nanochat_ray.train import startup
-from nanochat_ray.train.cli import add_data_actor_args, data_actor_options, done_line, tokenizer_dir, training_parser
+from nanochat_ray.train.cli import add_trainer_args, done_line, run_options, training_parser
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.train.worker import PLACEMENT_STRATEGIES, check_stage
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,13 +33,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = training_parser(__doc__)
     parser.add_argument("--num-shards", type=int, default=None,
                         help="pretraining shards to use, val included (default: enough for the horizon)")
-    add_data_actor_args(parser)
-    parser.add_argument("--placement-strategy", choices=PLACEMENT_STRATEGIES, default="PACK",
-                        help="how the workers are placed over nodes: PACK (fewest nodes), SPREAD (most nodes), "
-                             "STRICT_* (wait until that holds)")
+    add_trainer_args(parser)
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
-    check_stage(cfg, "base", tokenizer_dir(args), args.num_workers, args.resume, args.fresh)  # before Ray starts
+    cfg, run = config_from_args(args), run_options(args)
+    stage_dir = check_stage(cfg, "base", run)  # before Ray starts
     init_ray()
     startup.mark("ray")
     # shards already fetched by jobs/tokenizer.py are skipped; a mirror's are used in place
@@ -47,11 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_shards, val_shard = train_and_val_shards(downloads.paths)
     downloads.wait()
     core_bundle = resolve("core_eval_bundle", "all", args.data_root) if cfg.core_every > 0 else None
-    result = pretrain(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-                      train_shards=train_shards, val_shard=val_shard, tokenizer_dir=tokenizer_dir(args),
-                      resume=args.resume, fresh=args.fresh, max_failures=args.max_failures,
-                      core_bundle=core_bundle, **data_actor_options(args),
-                      fail_at_step=args.fail_at_step, placement_strategy=args.placement_strategy)
+    result = pretrain(cfg, run, train_shards=train_shards, val_shard=val_shard, core_bundle=core_bundle,
+                      stage_dir=stage_dir)
     print(done_line(result))
     return result
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from nanochat_ray.config import config_from_args, default_preset
-from nanochat_ray.rl.loop import RL_PRESETS, RLOptions, rl_config_defaults, rl_train
-from nanochat_ray.train.cli import done_line, tokenizer_dir, training_parser
+from nanochat_ray.config import RL_OPTIONS, config_from_args, default_preset
+from nanochat_ray.rl.driver import RLOptions, rl_train
+from nanochat_ray.train.cli import done_line, run_options, training_parser
 
 FLAGS = {  # RLOptions field → help
     "task": "gsm8k, or toy: 'answer with the number 7', a plumbing check whose reward must rise",
@@ -47,12 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_workers != 1:
         parser.error("the RL learner is one actor: use --num-rollout-actors to add rollout actors")
     preset = args.preset = args.preset or default_preset()  # decided (and said) once
-    options = RLOptions(**{**RL_PRESETS.get(preset, {}),
+    options = RLOptions(**{**RL_OPTIONS.get(preset, {}),
                            **{f.name: getattr(args, f.name) for f in fields(RLOptions) if getattr(args, f.name) is not None}})
-    cfg = config_from_args(args, lambda _: rl_config_defaults(preset))
-    result = rl_train(cfg, options, tokenizer_dir=tokenizer_dir(args), data_root=args.data_root, use_gpu=args.use_gpu,
-                      cpus_per_worker=args.cpus_per_worker, resume=args.resume, fresh=args.fresh,
-                      max_failures=args.max_failures, fail_at_step=args.fail_at_step)
+    cfg = config_from_args(args, "rl")
+    result = rl_train(cfg, options, run_options(args))
     print(done_line(result))
     return result
 

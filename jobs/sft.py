@@ -12,30 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from nanochat_ray.config import Config, config_from_args
-from nanochat_ray.train.chat import chat_train
-from nanochat_ray.train.cli import add_data_actor_args, data_actor_options, done_line, tokenizer_dir, training_parser
-
-
-def sft_defaults(preset: Config) -> dict:
-    """SPEC §9: 32 conversations per step (fewer if the preset's batch holds fewer rows), 4 per
-    micro-batch, LR from 2% of the base LRs linearly to 0; as the reference, no gradient clipping
-    and Muon momentum 0.95 from the start. Any flag overrides these."""
-    rows = min(32, preset.total_batch_size // preset.seq_len)
-    return dict(init_lr_frac=0.02, warmdown_ratio=1.0, device_batch_size=min(4, preset.device_batch_size),
-                total_batch_size=rows * preset.seq_len, grad_clip=0.0, muon_momentum_warmup=0)
+from nanochat_ray.train import finetune
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = training_parser(__doc__)
-    add_data_actor_args(parser)
-    args = parser.parse_args(argv)
-    result = chat_train("sft", config_from_args(args, sft_defaults), tokenizer_dir=tokenizer_dir(args),
-                        data_root=args.data_root, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                        cpus_per_worker=args.cpus_per_worker, resume=args.resume, fresh=args.fresh,
-                        max_failures=args.max_failures, fail_at_step=args.fail_at_step, **data_actor_options(args))
-    print(done_line(result))
-    return result
+    return finetune.main("sft", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from nanochat_ray.checkpoint import checkpoint_dir, latest_step, step_name
-from nanochat_ray.common import add_verbose_flag, base_dir, init_ray
+from nanochat_ray.checkpoint import PREVIOUS, TRAIN_JOBS, checkpoint_dir, latest_step, step_name
+from nanochat_ray.common import add_verbose_flag, base_dir, eval_results_path, format_seconds, init_ray, read_json, write_atomic
 from nanochat_ray.config import Config, ConfigError, add_config_args, config_from_args, default_preset, make_config
 from nanochat_ray.gpus import GPU_KINDS, GPUKind, gpu_kind, kind_of_device
 from nanochat_ray.plan import format_plan, make_plan, refusal
-from nanochat_ray.report import RECORDS_DIR, format_seconds, read_json, write_json_atomic, write_report
+from nanochat_ray.report import RECORDS_DIR, write_report
 
 
 @dataclass(frozen=True)
@@ -50,17 +50,15 @@ class Stage:
     evaluates: str | None = None  # chat evals: the checkpoint stage they read
 
 
-STAGES = (
-    Stage("tokenizer", "tokenizer"),
-    Stage("pretrain", "pretrain", ("tokenizer",), checkpoint="base"),
-    Stage("base_eval", "base_eval", ("pretrain",)),
-    Stage("midtrain", "midtrain", ("pretrain",), checkpoint="mid"),
-    Stage("mid_eval", "chat_eval", ("midtrain",), evaluates="mid"),
-    Stage("sft", "sft", ("midtrain",), checkpoint="sft"),
-    Stage("sft_eval", "chat_eval", ("sft",), evaluates="sft"),
-    Stage("rl", "rl", ("sft",), checkpoint="rl"),
-    Stage("rl_eval", "chat_eval", ("rl",), evaluates="rl"),
-)
+# the tokenizer, then each checkpoint stage of the graph (checkpoint.STAGES) trained by its job and
+# evaluated: tokenizer, pretrain, base_eval, midtrain, mid_eval, sft, sft_eval, rl, rl_eval
+STAGES = (Stage("tokenizer", "tokenizer"), *(
+    stage
+    for checkpoint, job in TRAIN_JOBS.items()
+    for stage in (Stage(job, job, (TRAIN_JOBS[PREVIOUS[checkpoint]] if checkpoint in PREVIOUS else "tokenizer",),
+                        checkpoint=checkpoint),
+                  Stage("base_eval", "base_eval", (job,)) if checkpoint == "base"
+                  else Stage(f"{checkpoint}_eval", "chat_eval", (job,), evaluates=checkpoint))))
 BY_NAME = {stage.name: stage for stage in STAGES}
 RL_STAGES = ("rl", "rl_eval")
 MAX_CPU_ACTORS = 8  # each evaluation actor holds a copy of the model
@@ -197,8 +195,8 @@ def outputs_of(stage: Stage, cfg: Config) -> list[str]:
         step = latest_step(directory)
         return [str((directory / step_name(step)).relative_to(base_dir()))] if step is not None else []
     if stage.job == "base_eval":
-        return [f"evals/base_{tag}.json", f"evals/core_{tag}.csv"]
-    return [f"evals/chat_{stage.evaluates}_{tag}.json"]
+        return [str(eval_results_path("base", tag, ".")), f"evals/core_{tag}.csv"]
+    return [str(eval_results_path(stage.evaluates, tag, "."))]
 
 
 def headline(stage: Stage, result: dict, cfg: Config) -> tuple[str, float | None]:
@@ -299,7 +297,7 @@ class Speedrun:
         argv = (inputs["argv"] + resource_flags(stage, self.args, self.cluster_cpus, beside)
                 + self.resume_flags(stage, fp))
         started_file = self.records / f"{stage.name}.started.json"
-        write_json_atomic(started_file, {"fingerprint": fp, "started_at": time.time()})
+        write_atomic(started_file, json.dumps({"fingerprint": fp, "started_at": time.time()}, indent=2))
         (self.records / f"{stage.name}.json").unlink(missing_ok=True)  # what reads it must run again
 
         def work() -> dict:
@@ -312,7 +310,7 @@ class Speedrun:
                       "resumed": "--resume" in argv, "job": f"jobs/{stage.job}.py", "argv": argv,
                       "headline": headline(stage, result, self.args.cfg), "result": result,
                       "outputs": outputs_of(stage, self.args.cfg)}
-            write_json_atomic(self.records / f"{stage.name}.json", record)
+            write_atomic(self.records / f"{stage.name}.json", json.dumps(record, indent=2, default=str))
             started_file.unlink(missing_ok=True)
             print(f"[speedrun] {stage.name:<10} {'resumed and done' if record['resumed'] else 'done'} in "
                   f"{format_seconds(record['seconds'])}: {format_headline(record['headline'])}", flush=True)

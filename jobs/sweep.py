@@ -26,9 +26,9 @@ from nanochat_ray.common import base_dir, init_ray
 from nanochat_ray.config import ConfigError, config_from_args, validate
 from nanochat_ray.data.download import shards_needed, start_downloads, train_and_val_shards
 from nanochat_ray.data.registry import resolve
-from nanochat_ray.train.cli import tokenizer_dir, training_parser
+from nanochat_ray.train.cli import run_options, training_parser
 from nanochat_ray.train.sweep import METRIC, best_trial, horizon, parse_grid, print_table, sweep
-from nanochat_ray.train.worker import check_stage
+from nanochat_ray.stage import check_stage
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
                           f"lower --grace-period or --eval-every, or raise --num-iterations")
     name = args.name or f"sweep-{base.model_tag}-{time.strftime('%Y%m%d-%H%M%S')}"
     root = base_dir() / "sweeps" / name
-    check_stage(base, "base", tokenizer_dir(args), args.num_workers, artifact_root=root)  # the tokenizer fits
+    run = run_options(args)
+    check_stage(base, "base", dataclasses.replace(run, artifact_root=root))  # the tokenizer fits
 
     init_ray()
     downloads = start_downloads(args.num_shards or max(map(shards_needed, configs)), args.data_root)
@@ -74,11 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     concurrent = args.max_concurrent_trials or max(1, fits)
     print(f"sweep {name}: {len(configs)} trials over {', '.join(grid)}, {concurrent} at a time, "
           f"ASHA on {METRIC} from step {grace} (reduction factor {args.reduction_factor:g})", flush=True)
-    rows = sweep(base, grid, name=name, root=root, grace_period=grace, reduction_factor=args.reduction_factor,
-                 max_concurrent_trials=concurrent, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                 cpus_per_worker=args.cpus_per_worker, train_shards=train_shards, val_shard=val_shard,
-                 tokenizer_dir=tokenizer_dir(args), max_failures=args.max_failures, data_actors=args.data_actors,
-                 data_actor_cpus=float(args.use_gpu),  # as jobs/pretrain.py: CPU-only trials share the workers' cores
+    rows = sweep(base, grid, name=name, root=root, run=run, grace_period=grace, reduction_factor=args.reduction_factor,
+                 max_concurrent_trials=concurrent, train_shards=train_shards, val_shard=val_shard,
                  core_bundle=resolve("core_eval_bundle", "all", args.data_root) if base.core_every > 0 else None)
     print_table(rows, grid)
     best = best_trial(rows)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from nanochat_ray.common import add_verbose_flag, base_dir, init_ray
+from nanochat_ray.common import add_verbose_flag, base_dir, default_tokenizer_dir, init_ray
 from nanochat_ray.config import Config, ConfigError, add_config_args, config_from_args
 from nanochat_ray.data.download import ShardDownloads, shards_needed, start_downloads, train_and_val_shards
 from nanochat_ray.data.registry import NUM_SHARDS
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     if not 2 <= args.num_shards <= NUM_SHARDS:
         parser.error(f"--num-shards must lie in 2..{NUM_SHARDS} (at least one train shard and the val shard), "
                      f"got {args.num_shards}")
-    args.output = args.output or base_dir() / "tokenizer"
+    args.output = args.output or default_tokenizer_dir()
     return args, cfg
 
 

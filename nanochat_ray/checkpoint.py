@@ -25,6 +25,8 @@ Several ranks on a shared file system: every rank calls save_checkpoint with its
 state and barrier=torch.distributed.barrier. Ray Train (train/worker.py): each rank calls
 write_checkpoint into its own temp dir, rank 0 calls finalize_checkpoint with the other ranks'
 file hashes, and Ray merges the directories into the step's place in storage.
+
+Run by: every training job writes them (python jobs/pretrain.py, midtrain.py, sft.py, rl.py); tested by python -m pytest tests/test_checkpoint.py.
 """
 
 import dataclasses
@@ -42,7 +44,11 @@ import torch
 from nanochat_ray.common import base_dir, fsync_path, write_atomic
 from nanochat_ray.gpt import GPT, GPTConfig, build_gpt
 
+# the stage graph, in order: each stage starts from the previous one's weights, and is trained by
+# jobs/<TRAIN_JOBS[stage]>.py (the speedrun, the report and the stage checks read it from here)
 STAGES = ("base", "mid", "sft", "rl")
+TRAIN_JOBS = {"base": "pretrain", "mid": "midtrain", "sft": "sft", "rl": "rl"}
+PREVIOUS = dict(zip(STAGES[1:], STAGES))  # {"mid": "base", "sft": "mid", "rl": "sft"}
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 LATEST_FILE = "LATEST"

@@ -1,7 +1,10 @@
-"""Small helpers shared by every stage: the artifact root, rank-0 printing, device choice."""
+"""Small helpers shared by every stage: the artifact root, atomic writes and JSON files, rank-0
+printing, device choice. Imported by every job (e.g. python jobs/speedrun.py).
+"""
 
 import argparse
 import functools
+import json
 import logging
 import os
 import platform
@@ -28,6 +31,18 @@ def base_dir() -> Path:
     return root
 
 
+def default_tokenizer_dir(root: str | Path | None = None) -> Path:
+    """<root>/tokenizer, where jobs/tokenizer.py saves the tokenizer and every later stage reads it."""
+    return (Path(root) if root else base_dir()) / "tokenizer"
+
+
+def eval_results_path(stage: str, model_tag: str, root: str | Path | None = None) -> Path:
+    """<root>/evals/base_<tag>.json (jobs/base_eval.py) or chat_<stage>_<tag>.json (jobs/chat_eval.py):
+    what the evaluation jobs write and the speedrun and the report read."""
+    name = f"base_{model_tag}" if stage == "base" else f"chat_{stage}_{model_tag}"
+    return (Path(root) if root else base_dir()) / "evals" / f"{name}.json"
+
+
 def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], Any]) -> None:
     """Write `path` via a synced temp file beside it and a rename: readers, a re-submitted run or
     a crash never see half a file. `data` is the content, or a function that writes the temp path
@@ -47,6 +62,25 @@ def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], Any]) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json(path: Path, default: Any = ...) -> Any:
+    """The parsed file; `default` when it is missing (no default: the error names the file)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        if default is ...:
+            raise
+        return default
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def fsync_path(path: Path) -> None:
@@ -211,3 +245,12 @@ def init_ray() -> None:
     if not verbose() and not under_job and context.dashboard_url:
         print(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs), dashboard "
               f"http://{context.dashboard_url}", flush=True)
+
+
+def dashboard_gauges(stage: str, names: tuple[str, ...]) -> dict:
+    """Custom metrics for the Ray dashboard, nanochat_<stage>_<name> (Prometheus names: letters,
+    digits, underscores). Only the Ray edges call this, as init_ray."""
+    from ray.util.metrics import Gauge
+
+    return {name: Gauge(f"nanochat_{stage}_{name}", description=f"{stage} training {name}", tag_keys=("model",))
+            for name in names}

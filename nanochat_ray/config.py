@@ -6,6 +6,8 @@ Run configuration: one dial (depth) plus named presets, all plain data.
 Every job takes `--preset NAME` (default: `d20` when the Ray cluster, or without one this
 machine, has a GPU, else `cpu`) and a `--field-name VALUE` flag for every field below. Bad values fail here, before any work,
 with a message that names the field.
+
+Run by: every job reads it (e.g. python jobs/pretrain.py --preset cpu --depth 6); tested by python -m pytest tests/test_config.py.
 """
 
 import argparse
@@ -157,6 +159,43 @@ def cluster_gpus() -> tuple[float, str]:
     return torch.cuda.device_count(), "this machine (no Ray cluster)"
 
 
+# -----------------------------------------------------------------------------
+# Stage defaults: what each stage after pretraining sets over its preset. Any flag overrides them.
+
+RL_CONFIG = {  # Config fields of the RL stage, per preset (SPEC §10: 5% of base LRs, linear decay)
+    "smoke": dict(num_iterations=8, eval_every=4, save_every=4),
+    "cpu": dict(num_iterations=10, eval_every=5, save_every=5),
+}
+RL_CONFIG_DEFAULT = dict(num_iterations=-1, eval_every=60, save_every=60)  # -1: one epoch of GSM8K train
+# RLOptions fields (rl/driver.py) per preset: small presets sample little and evaluate few questions,
+# so the plumbing runs in seconds (smoke) or minutes (cpu); the GPU presets take SPEC §10 as it is
+RL_OPTIONS = {
+    "smoke": dict(questions_per_step=2, samples_per_question=4, max_new_tokens=16, eval_questions=4),
+    "cpu": dict(questions_per_step=4, samples_per_question=4, max_new_tokens=64, eval_questions=16),
+}
+
+
+def stage_defaults(stage: str, preset: str) -> dict:
+    """The Config fields `stage` (base | mid | sft | rl) sets over `preset`'s.
+
+    As the reference: no gradient clipping after pretraining. Midtraining keeps pretraining's Muon
+    momentum warm-up; SFT and RL use a constant momentum. SFT (SPEC §9): 32 conversations per step
+    (fewer if the preset's batch holds fewer rows), 4 per micro-batch, LR from 2% of the base LRs
+    linearly to 0. RL (SPEC §10): LR from 5% of the base LRs linearly to 0.
+    """
+    if stage == "mid":
+        return dict(grad_clip=0.0)
+    if stage == "sft":
+        base = make_config(preset)
+        rows = min(32, base.total_batch_size // base.seq_len)
+        return dict(init_lr_frac=0.02, warmdown_ratio=1.0, device_batch_size=min(4, base.device_batch_size),
+                    total_batch_size=rows * base.seq_len, grad_clip=0.0, muon_momentum_warmup=0)
+    if stage == "rl":
+        return dict(init_lr_frac=0.05, warmdown_ratio=1.0, final_lr_frac=0.0, grad_clip=0.0, muon_momentum_warmup=0,
+                    **RL_CONFIG.get(preset, RL_CONFIG_DEFAULT))
+    return {}
+
+
 def default_preset() -> str:
     """d20 where there are GPUs to train on, cpu otherwise; prints which and why."""
     gpus, where = cluster_gpus()
@@ -254,13 +293,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                            help=f"default from the preset ({f.default!r} in d20)")
 
 
-def config_from_args(args: argparse.Namespace, stage_defaults=None) -> Config:
-    """Preset, then the stage's defaults (a function of the preset's config, e.g. SFT's smaller
-    batch), then the command line's overrides."""
+def config_from_args(args: argparse.Namespace, stage: str | None = None) -> Config:
+    """Preset, then the stage's defaults (stage_defaults, e.g. SFT's smaller batch), then the
+    command line's overrides."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name, None) is not None}
     preset = args.preset or default_preset()
-    defaults = stage_defaults(make_config(preset)) if stage_defaults else {}
+    defaults = stage_defaults(stage, preset) if stage else {}
     return make_config(preset, **{**defaults, **overrides})
 
 

@@ -15,6 +15,8 @@ Three pieces, each usable alone:
 Tool use: when a row emits <|python_start|> expr <|python_end|>, expr is evaluated by
 `calculator.calculate` and <|output_start|> result <|output_end|> is forced into that row's
 next steps with mask 0, so RL does not train on the tool's words.
+
+Run by: python jobs/chat_cli.py, the chat server (python jobs/serve.py), RL and the chat evals; tested by python -m pytest tests/test_engine.py.
 """
 
 from collections import deque
@@ -122,7 +124,7 @@ class DecodeBatch:
         self.uniforms = torch.zeros(max_rows, UNIFORM_BLOCK, device=device)
         self._next_id = 0
         special = tokenizer.encode_special
-        self.terminal = {special("<|assistant_end|>"), special("<|bos|>")}
+        self.terminal = set(tokenizer.answer_end_ids)
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
 
@@ -266,7 +268,7 @@ class Engine:
 
         Takes generate's keyword arguments. Prompt positions have mask 0.
         """
-        terminal = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.bos_token_id}
+        terminal = self.tokenizer.answer_end_ids
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         completed = [False] * num_samples

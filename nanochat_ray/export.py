@@ -223,7 +223,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     try:
         hf_model.generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id, pad_token_id=config.pad_token_id,
-            eos_token_id=[tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id])
+            eos_token_id=list(tokenizer.answer_end_ids))
         hf_model.save_pretrained(tmp)
         # the plain tokenizers file: encode_special_tokens is ours and not saved, so transformers
         # reads <|...|> in rendered templates as the special tokens

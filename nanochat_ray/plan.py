@@ -66,12 +66,12 @@ ACTIVATION_BYTES = {"eager-fp32": 76, "eager-bf16": 50, "compiled-ours": 42, "co
 HEAD_TRAIN_BYTES_REFERENCE = 4
 HEAD_EVAL_BYTES_REFERENCE = 12
 
-# --- the stages' shapes (what the jobs run; see jobs/sft.py, evals/chat.py, rl/loop.py, serve) --
+# --- the stages' shapes (what the jobs run; see jobs/sft.py, evals/chatcore.py, rl/driver.py, serve) --
 SFT_MAX_DEVICE_BATCH = 4  # jobs/sft.py: 4 conversations per micro-batch, padded to the longest (≤ seq_len)
 CORE_ROWS = 4  # the most continuations of one CORE item, scored in one forward (4-way multiple choice)
-CHAT_EVAL_BATCH = 8  # evals/chat.py: categorical prompts per forward
-RL_ROWS = 128  # rollout rows decoded together at most: a pass@k eval call, 16 questions × 8 samples (rl/loop.py)
-RL_QUESTIONS, RL_SAMPLES = 16, 16  # per step (SPEC §10, rl/loop.py RLOptions)
+CHAT_EVAL_BATCH = 8  # evals/chatcore.py: categorical prompts per forward
+RL_ROWS = 128  # rollout rows decoded together at most: a pass@k eval call, 16 questions × 8 samples (rl/driver.py)
+RL_QUESTIONS, RL_SAMPLES = 16, 16  # per step (SPEC §10, rl/driver.py RLOptions)
 RL_MAX_NEW = 256  # SPEC §10
 RL_PROMPT_TOKENS = 256  # a rendered GSM8K question is ~100-200 tokens: an upper bound
 SERVE_MAX_BATCH = 32  # serve/config.yaml max_batch

@@ -16,45 +16,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanochat_ray.common import write_atomic
+from nanochat_ray.checkpoint import STAGES, TRAIN_JOBS
+from nanochat_ray.common import eval_results_path, format_seconds, read_json, write_atomic
 
 RECORDS_DIR = "speedrun"  # <root>/speedrun/<stage>.json: one record per finished stage
 REPORT_FILE = "report.md"
 PLOTS_DIR = "report"
-TRAINING = {"pretrain": "base", "midtrain": "mid", "sft": "sft", "rl": "rl"}  # stage → checkpoint stage
-CHAT_EVALS = {"mid_eval": "mid", "sft_eval": "sft", "rl_eval": "rl"}
-COLUMNS = ("base", "mid", "sft", "rl")
+TRAINING = {job: stage for stage, job in TRAIN_JOBS.items()}  # speedrun stage → checkpoint stage
+CHAT_EVALS = {f"{stage}_eval": stage for stage in STAGES[1:]}  # speedrun stage → the checkpoint it evaluates
+COLUMNS = STAGES
 # the rows of the reference's report card (SPEC, headline table)
 SUMMARY_ROWS = ("CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE")
 CODE_DIRS = ("nanochat_ray", "jobs", "serve", "bench", "tests")
-
-
-# -----------------------------------------------------------------------------
-# small file helpers, shared with jobs/speedrun.py
-
-
-def read_json(path: Path, default: Any = ...) -> Any:
-    """The parsed file; `default` when it is missing (no default: the error names the file)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        if default is ...:
-            raise
-        return default
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Temp file then rename: a reader (or a re-submitted run) never sees half a record."""
-    write_atomic(path, json.dumps(data, indent=2, default=str))
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def read_metrics_log(path: Path) -> list[dict]:
@@ -81,11 +54,11 @@ def stage_records(root: Path) -> dict[str, dict]:
 def summary_table(root: Path, model_tag: str) -> dict[str, dict[str, float]]:
     """{row: {column: value}} of the report card, from the evaluation files present."""
     table: dict[str, dict[str, float]] = {row: {} for row in SUMMARY_ROWS}
-    base = read_json(root / "evals" / f"base_{model_tag}.json", default=None)
+    base = read_json(eval_results_path("base", model_tag, root), default=None)
     if base:
         table["CORE"]["base"] = base["core"]
     for column in COLUMNS[1:]:
-        chat = read_json(root / "evals" / f"chat_{column}_{model_tag}.json", default=None)
+        chat = read_json(eval_results_path(column, model_tag, root), default=None)
         if chat:
             for task, accuracy in chat["tasks"].items():
                 if task in table:
@@ -229,7 +202,7 @@ def stage_section(root: Path, name: str, record: dict, model_tag: str) -> list[s
         lines.append(f"- final step {meta.get('step')}: "
                      + ", ".join(f"{k} {_number(v)}" for k, v in metrics.items() if k != "step"))
     elif name == "base_eval":
-        base = read_json(root / "evals" / f"base_{model_tag}.json", default={})
+        base = read_json(eval_results_path("base", model_tag, root), default={})
         lines.append(f"- {base.get('model')}: train bpb {_number(base.get('train_bpb'))}, val bpb "
                      f"{_number(base.get('val_bpb'))}, CORE {_number(base.get('core'))} "
                      f"({base.get('max_per_task') or 'all'} examples per task)")
@@ -238,7 +211,7 @@ def stage_section(root: Path, name: str, record: dict, model_tag: str) -> list[s
                   for task, v in base.get("core_tasks", {}).items()]
         lines += ["", "Samples:", ""] + [f"- `{p}` → `{t}`" for p, t in base.get("samples", {}).items()]
     elif name in CHAT_EVALS:
-        chat = read_json(root / "evals" / f"chat_{CHAT_EVALS[name]}_{model_tag}.json", default={})
+        chat = read_json(eval_results_path(CHAT_EVALS[name], model_tag, root), default={})
         lines.append(f"- {chat.get('model')}, {chat.get('max_per_task') or 'all'} examples per task: "
                      + ", ".join(f"{t} {a:.4f}" for t, a in chat.get("tasks", {}).items())
                      + f"; ChatCORE {_number(chat.get('chatcore'))}")

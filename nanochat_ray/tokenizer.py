@@ -134,6 +134,8 @@ class Tokenizer:
         self.hf.encode_special_tokens = True
         self._token_bytes = token_bytes
         self.bos_token_id = self.encode_special("<|bos|>")
+        # what ends an answer: the assistant's end, or <|bos|> (a base model starting a new document)
+        self.answer_end_ids = (self.encode_special("<|assistant_end|>"), self.bos_token_id)
 
     # ---------------------------------------------------------------------------------------
     # training, saving, loading

@@ -19,6 +19,8 @@ Set NANOCHAT_API_KEY in the environment that builds the app to require
 request must be JSON from no other origin, its body is refused past 1 MB while it is read, and it
 ends with 504 after request_timeout_s. A model replica whose decode loop is stuck, or whose last
 steps all failed, reports itself unhealthy, and Serve replaces it.
+
+Run by: python jobs/serve.py (or serve run serve.app:app).
 """
 
 import asyncio
@@ -42,13 +44,13 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.util import metrics
 
 from nanochat_ray.checkpoint import build_model_from_checkpoint, checkpoint_dir, resolve_model_tag, step_name
-from nanochat_ray.common import autocast, base_dir, compute_dtype, default_device
+from nanochat_ray.common import autocast, base_dir, compute_dtype, default_device, default_tokenizer_dir
 from nanochat_ray.tokenizer import Tokenizer
 from serve import api
 from serve.batcher import Batcher, Overloaded, Sampling
 from serve.completions import Scored, characters, parse_completion_request, prompt_ids, score
 from serve.completions import completion as completion_body
-from serve.text import TextStream
+from nanochat_ray.detokenizer import TextStream
 
 STATIC = Path(__file__).resolve().parent / "static"
 HEALTH_TIMEOUT_S = 2  # a model replica that does not answer in this long is not serving
@@ -109,7 +111,7 @@ class ChatModel:
         root = Path(args.root) if args.root else base_dir()
         model, meta = build_model_from_checkpoint(args.stage, tag, args.step, self.device, root)
         model.eval()
-        self.tokenizer = Tokenizer.from_directory(args.tokenizer_dir or root / "tokenizer")
+        self.tokenizer = Tokenizer.from_directory(args.tokenizer_dir or default_tokenizer_dir(root))
         self.name = f"nanochat-{args.stage}-{tag}-step{meta['step']}"
         self.context = model.config.sequence_len
         dtype = compute_dtype("auto", self.device)

@@ -39,7 +39,7 @@ def main() -> None:
     from nanochat_ray.checkpoint import checkpoint_dir, latest_step
     from nanochat_ray.config import make_config
     from nanochat_ray.train.pretrain import pretrain
-    from nanochat_ray.train.worker import METRICS_LOG
+    from nanochat_ray.stage import METRICS_LOG, RunOptions
 
     os.environ["NANOCHAT_BASE_DIR"] = root
     # (the GCS port is picked free when none is given: no clash with the default 6379 or other Rays)
@@ -82,9 +82,9 @@ def main() -> None:
 
     def train() -> None:
         try:
-            pretrain(cfg, num_workers=2, train_shards=[Path(train_shard)], val_shard=Path(val_shard),
-                     tokenizer_dir=Path(tokenizer_dir), data_actor_cpus=0.0, max_failures=3,
-                     placement_strategy="STRICT_SPREAD",
+            run = RunOptions(tokenizer_dir=Path(tokenizer_dir), num_workers=2, data_actor_cpus=0.0, max_failures=3,
+                             placement_strategy="STRICT_SPREAD")
+            pretrain(cfg, run, train_shards=[Path(train_shard)], val_shard=Path(val_shard),
                      feeder_options={"scheduling_strategy": NodeAffinitySchedulingStrategy(a.node_id, soft=True)})
         except BaseException as e:
             failure.append(e)

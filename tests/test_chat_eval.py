@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from nanochat_ray.evals.chat import (
+from nanochat_ray.evals.chatcore import (
     EvalResult, chatcore, evaluate_categorical, evaluate_generative, letter_token_ids, load_eval_task,
     engine_generate, run_task_eval,
 )

@@ -12,10 +12,10 @@ from nanochat_ray.config import ConfigError, make_config
 from nanochat_ray.data.pipeline import padded_rows
 from nanochat_ray.tasks import GSM8K
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.chat import Fallbacks, chat_train, packed_rows, training_mixture
-from nanochat_ray.train.loop import PAD_ID, to_batch
+from nanochat_ray.data.rows import PAD_ID, to_batch
+from nanochat_ray.train.finetune import Fallbacks, chat_train, packed_rows, training_mixture
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.train.worker import METRICS_LOG
+from nanochat_ray.stage import METRICS_LOG, RunOptions
 
 from test_chat_stream import in_process
 
@@ -33,11 +33,11 @@ def trained(ray_cluster, data_root, smoke_tokenizer_dir, tmp_path_factory):
     """base → mid → sft on the smoke preset, under one artifact root."""
     root = tmp_path_factory.mktemp("chat")
     shards = sorted((data_root / "pretrain_text").glob("shard_*.parquet"))
-    pretrain(make_config("smoke"), train_shards=shards[:1], val_shard=shards[-1],
-             tokenizer_dir=smoke_tokenizer_dir, artifact_root=root, data_actor_cpus=0.0)
+    pretrain(make_config("smoke"), RunOptions(tokenizer_dir=smoke_tokenizer_dir, artifact_root=root),
+             train_shards=shards[:1], val_shard=shards[-1], data_actor_cpus=0.0)
     for stage, overrides in (("mid", {}), ("sft", dict(init_lr_frac=0.02, warmdown_ratio=1.0))):
-        chat_train(stage, make_config("smoke", **overrides), tokenizer_dir=smoke_tokenizer_dir,
-                   data_root=str(data_root), artifact_root=root, num_workers=2)
+        chat_train(stage, make_config("smoke", **overrides), RunOptions(
+            tokenizer_dir=smoke_tokenizer_dir, data_root=str(data_root), artifact_root=root, num_workers=2))
     return root
 
 
@@ -68,8 +68,8 @@ def test_sft_starts_from_mid_and_saves(trained, smoke_tokenizer_dir, data_root):
 
 def test_stage_needs_the_previous_one(smoke_tokenizer_dir, data_root, tmp_path):
     with pytest.raises(ConfigError, match="jobs/pretrain.py"):
-        chat_train("mid", make_config("smoke"), tokenizer_dir=smoke_tokenizer_dir, data_root=str(data_root),
-                   artifact_root=tmp_path)
+        chat_train("mid", make_config("smoke"), RunOptions(tokenizer_dir=smoke_tokenizer_dir, data_root=str(data_root),
+                                                           artifact_root=tmp_path))
 
 
 def test_packed_rows_keep_masks_and_order(smoke_tokenizer_dir, data_root):
@@ -102,16 +102,11 @@ def test_padded_rows():
 
 
 def test_only_pretraining_clips_and_sft_keeps_muon_momentum_constant():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    import midtrain
-    import sft
+    from nanochat_ray.config import stage_defaults
 
-    from nanochat_ray.rl.loop import rl_config_defaults
     preset = make_config("cpu")
     assert preset.grad_clip == 1.0 and preset.muon_momentum_warmup == 300  # pretraining
-    mid, sft_cfg, rl = midtrain.mid_defaults(preset), sft.sft_defaults(preset), rl_config_defaults("cpu")
+    mid, sft_cfg, rl = (stage_defaults(stage, "cpu") for stage in ("mid", "sft", "rl"))
     assert mid["grad_clip"] == sft_cfg["grad_clip"] == rl["grad_clip"] == 0.0
     assert "muon_momentum_warmup" not in mid  # midtraining ramps momentum like pretraining, as the reference
     assert sft_cfg["muon_momentum_warmup"] == rl["muon_momentum_warmup"] == 0

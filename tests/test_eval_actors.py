@@ -9,8 +9,9 @@ import torch
 from nanochat_ray.checkpoint import checkpoint_dir, save_checkpoint
 from nanochat_ray.config import ConfigError, make_config
 from nanochat_ray.evals import core
-from nanochat_ray.evals.actors import Progress, load_model, run_chat, run_core, start_eval_actors
-from nanochat_ray.evals.chat import EvalResult, chatcore, run_task_eval
+from nanochat_ray.evals.actors import run_chat, run_core, start_eval_actors
+from nanochat_ray.evals.evaluator import Progress, load_model
+from nanochat_ray.evals.chatcore import EvalResult, chatcore, run_task_eval
 from nanochat_ray.data.registry import resolve
 from nanochat_ray.gpt import build_gpt
 from nanochat_ray.tokenizer import Tokenizer

@@ -1,19 +1,92 @@
-"""The core is plain PyTorch: importing it must not import Ray (DESIGN principle 1)."""
+"""
+The layers of the tree (README, Architecture) and what may import what:
 
+    core       nanochat_ray/*, except the Ray edges: plain PyTorch, imports neither Ray nor an edge
+    Ray edges  the modules in EDGES: Ray Data pipelines, Ray Train workers and drivers, actors
+    serve      serve/*: the Ray Serve app, on top of the core
+    jobs       jobs/*: entry points, may import all of the above
+
+    python -m pytest -q tests/test_layout.py
+
+The rule is checked file by file from the source (an import inside a function counts too), and
+once more by importing every core module in a fresh interpreter.
+"""
+
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["config", "common", "gpt", "tokenizer", "optim", "checkpoint", "data.registry", "evals.bpb", "evals.core",
-        "evals.chat", "evals.sandbox", "tasks", "train.loop"]
-CORE += [m for m in ("engine", "calculator") if (ROOT / "nanochat_ray" / f"{m}.py").exists()]
-CORE += ["rl.policy", "rl.tasks", "gpus", "plan"]  # RL's arithmetic and rewards; rl.actors and rl.loop are the Ray edge
+PACKAGE = ROOT / "nanochat_ray"
+# the only library modules that may import ray; every other module of nanochat_ray is core
+EDGES = {"data.pipeline", "data.download", "train.worker", "train.pretrain", "train.finetune", "train.sweep",
+         "evals.actors", "rl.actors", "rl.driver"}
+# core modules that start a Ray client on request (init_ray, a cluster's GPU count): ray is
+# imported inside the one function that needs it, never when the module loads
+LAZY_RAY = {"common", "config"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, top_level_only: bool = False) -> list[str]:
+    """Every module a file imports (absolute names), at any depth or only when it loads."""
+    tree = ast.parse(path.read_text(), str(path))
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    if top_level_only:  # module-level statements, including those under if/try at module level
+        nodes = [n for stmt in tree.body for n in ast.walk(stmt)
+                 if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    names = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return names
+
+
+def is_module(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+LIBRARY = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+CORE = sorted(set(LIBRARY) - EDGES - {""})
+
+
+def test_every_listed_module_exists():
+    # a renamed or deleted edge must be renamed here too, not silently dropped from the rule
+    missing = sorted((EDGES | LAZY_RAY) - set(LIBRARY))
+    assert missing == [], f"listed in tests/test_layout.py but not in nanochat_ray/: {missing}"
+    assert len(CORE) > 30, "the scan must see the core's modules"
+
+
+def test_core_modules_import_neither_ray_nor_an_edge():
+    broken = []
+    for name in CORE:
+        path = LIBRARY[name]
+        for imported in imports(path):
+            if any(is_module(imported, f"nanochat_ray.{edge}") for edge in EDGES):
+                broken.append(f"{name} imports the Ray edge {imported}")
+            elif is_module(imported, "ray") and (name not in LAZY_RAY or imported in imports(path, True)):
+                broken.append(f"{name} imports {imported}")
+    assert broken == [], "the core must stay Ray-free (move the code to an edge):\n" + "\n".join(broken)
+
+
+def test_layers_import_downward_only():
+    rules = {"nanochat_ray": ("jobs", "serve", "bench", "tests"), "serve": ("jobs", "bench", "tests"),
+             "jobs": ("bench", "tests")}
+    broken = [f"{path.relative_to(ROOT)} imports {imported}"
+              for folder, forbidden in rules.items() for path in sorted((ROOT / folder).rglob("*.py"))
+              for imported in imports(path) if any(is_module(imported, layer) for layer in forbidden)]
+    assert broken == [], "\n".join(broken)
 
 
 def test_core_modules_do_not_import_ray():
-    imports = "; ".join(f"import nanochat_ray.{m}" for m in CORE)
-    code = f"import sys; {imports}; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    imports_ = "; ".join(f"import nanochat_ray.{m}" for m in CORE)
+    code = f"import sys; {imports_}; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

@@ -14,7 +14,8 @@ from nanochat_ray.common import maybe_compile
 from nanochat_ray.config import make_config
 from nanochat_ray.gpt import build_gpt
 from nanochat_ray.optim import build_optimizers
-from nanochat_ray.train.loop import PAD_ID, TrainState, run, to_batch
+from nanochat_ray.data.rows import PAD_ID, to_batch
+from nanochat_ray.train.loop import TrainState, run
 
 ROWS = np.random.default_rng(0).integers(0, 1024, size=(40, 65), dtype=np.int32)  # 10 steps × 4 rows of T+1
 

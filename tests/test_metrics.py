@@ -11,9 +11,10 @@ import pytest
 
 from nanochat_ray.checkpoint import checkpoint_dir
 from nanochat_ray.config import make_config
-from nanochat_ray.evals.actors import numeric_leaves, save_results
+from nanochat_ray.evals.actors import save_results
+from nanochat_ray.evals.evaluator import numeric_leaves
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.train.worker import METRICS_LOG
+from nanochat_ray.stage import METRICS_LOG, RunOptions
 
 # Processes push metrics to their node's agent every metrics_report_interval_ms (1 s in the test
 # session, 10 s by default), and the agent drops a dead process's gauges after two intervals:
@@ -74,8 +75,8 @@ def test_training_and_eval_metrics_reach_prometheus(ray_cluster, data_root, smok
     # a real pretraining run: rank 0 sets the nanochat_base_* gauges at every step
     shards = sorted((data_root / "pretrain_text").glob("shard_*.parquet"))
     cfg = make_config("smoke", save_every=-1)
-    pretrain(cfg, train_shards=shards[:1], val_shard=shards[-1], tokenizer_dir=smoke_tokenizer_dir,
-             artifact_root=tmp_path, data_actor_cpus=0.0)
+    pretrain(cfg, RunOptions(tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path), train_shards=shards[:1],
+             val_shard=shards[-1], data_actor_cpus=0.0)
     logged = [json.loads(line) for line in (checkpoint_dir("base", "d2", tmp_path) / METRICS_LOG).read_text().splitlines()]
 
     def from_this_run(name: str):  # a value this run logged (other d2 runs of the session may show too)

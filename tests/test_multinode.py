@@ -17,7 +17,7 @@ from nanochat_ray.checkpoint import checkpoint_dir
 from nanochat_ray.config import make_config
 from nanochat_ray.train import worker
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.train.worker import METRICS_LOG
+from nanochat_ray.stage import METRICS_LOG, RunOptions
 
 SCENARIO = Path(__file__).with_name("cluster_scenario.py")
 STEPS = 16  # smoke preset, a checkpoint every 4 steps
@@ -69,7 +69,8 @@ def test_a_worker_that_cannot_see_the_artifact_root_fails_at_start(ray_cluster, 
     # the driver's marker lands on storage the workers do not see (as on a node without the shared mount)
     monkeypatch.setattr(worker, "write_storage_marker", lambda stage_dir: tmp_path / "driver-only" / "marker")
     with pytest.raises(Exception, match="is not the storage the driver writes to") as failure:
-        pretrain(make_config("smoke"), train_shards=[shards[0]], val_shard=shards[1],
-                 tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path, data_actor_cpus=0.0, max_failures=0)
+        pretrain(make_config("smoke"), RunOptions(tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path,
+                                                  data_actor_cpus=0.0, max_failures=0),
+                 train_shards=[shards[0]], val_shard=shards[1])
     assert "NANOCHAT_BASE_DIR" in str(failure.value)
     assert not (checkpoint_dir("base", "d2", tmp_path) / METRICS_LOG).exists(), "a step ran before the check"

@@ -185,7 +185,7 @@ def test_smoltalk_is_shuffled_like_the_reference(parity_dir, data_root):
     from nanochat_ray.data.registry import read_records
     from nanochat_ray.tasks import SmolTalk
     from nanochat_ray.tasks.base import shuffled
-    from nanochat_ray.tasks.chat import HOLDOUT_EVERY
+    from nanochat_ray.tasks.conversations import HOLDOUT_EVERY
     entry = next(v for k, v in load(parity_dir, "tasks.json")["tasks"].items() if k.startswith("SmolTalk"))
     rows = read_records(Path(data_root) / "sft" / "sft_messages.jsonl")
     order = shuffled(rows)
@@ -283,7 +283,7 @@ def test_humaneval_program_and_outcomes_equal_the_reference(parity_dir, data_roo
 
 def test_chat_eval_subsets_are_the_reference_ones(parity_dir, data_root):
     # an eval of N problems takes the first N of the shuffled task, as the reference: the same problems
-    from nanochat_ray.evals.chat import BASELINES, load_eval_task
+    from nanochat_ray.evals.chatcore import BASELINES, load_eval_task
     stored = load(parity_dir, "tasks.json")["tasks"]
     keys = {"ARC-Easy": "ARC/ARC-Easy/test", "ARC-Challenge": "ARC/ARC-Challenge/test", "MMLU": "MMLU/all/test",
             "GSM8K": "GSM8K/main/test", "HumanEval": "HumanEval/test", "SpellingBee": "SpellingBee/test"}

@@ -10,7 +10,7 @@ import torch
 from nanochat_ray.checkpoint import checkpoint_dir, latest_step, load_checkpoint
 from nanochat_ray.config import ConfigError, make_config
 from nanochat_ray.train.pretrain import pretrain
-from nanochat_ray.train.worker import DASHBOARD_METRICS, METRICS_LOG, NullLogger, make_logger
+from nanochat_ray.stage import METRICS_LOG, TRAINING_GAUGES, NullLogger, RunOptions, make_logger
 
 STEPS = 8  # smoke preset: checkpoints at steps 4 and 8
 
@@ -33,8 +33,8 @@ def run(ray_cluster, shards, smoke_tokenizer_dir, tmp_path_factory, data_root):
     def run(name: str, **options) -> Path:
         root = tmp_path_factory.mktemp(name) if "artifact_root" not in options else options.pop("artifact_root")
         cfg = make_config("smoke", **options.pop("config", {}))
-        pretrain(cfg, train_shards=shards[0], val_shard=shards[1], tokenizer_dir=smoke_tokenizer_dir,
-                 artifact_root=root, data_actor_cpus=0.0, core_bundle=data_root / "core_eval_bundle", **options)
+        pretrain(cfg, RunOptions(tokenizer_dir=smoke_tokenizer_dir, artifact_root=root, **options), train_shards=shards[0],
+                 val_shard=shards[1], data_actor_cpus=0.0, core_bundle=data_root / "core_eval_bundle")
         return root
     return run
 
@@ -101,17 +101,17 @@ def test_corrupt_shard_is_named(run, smoke_tokenizer_dir, shards, tmp_path):
     bad = tmp_path / "shard_00000.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(ValueError, match="shard_00000.parquet"):
-        pretrain(make_config("smoke"), train_shards=[bad], val_shard=shards[1],
-                 tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path)
+        pretrain(make_config("smoke"), RunOptions(tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path),
+                 train_shards=[bad], val_shard=shards[1])
 
 
 def test_config_errors_come_before_ray(smoke_tokenizer_dir, shards, tmp_path):
     with pytest.raises(ConfigError, match="workers 3"):
-        pretrain(make_config("smoke"), num_workers=3, train_shards=shards[0], val_shard=shards[1],
-                 tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path)
+        pretrain(make_config("smoke"), RunOptions(tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path, num_workers=3),
+                 train_shards=shards[0], val_shard=shards[1])
     with pytest.raises(ConfigError, match="vocab_size"):
-        pretrain(make_config("smoke", vocab_size=2048), train_shards=shards[0], val_shard=shards[1],
-                 tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path)
+        pretrain(make_config("smoke", vocab_size=2048), RunOptions(tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path),
+                 train_shards=shards[0], val_shard=shards[1])
 
 
 def test_wandb_logs_offline_when_a_run_name_is_given(tmp_path, monkeypatch):
@@ -128,5 +128,5 @@ def test_wandb_logs_offline_when_a_run_name_is_given(tmp_path, monkeypatch):
 def test_dashboard_metric_names_are_valid_prometheus_names():
     # Ray drops metrics with other names, with only a warning
     for stage in ("base", "mid", "sft"):
-        for name in DASHBOARD_METRICS:
+        for name in TRAINING_GAUGES:
             assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", f"nanochat_{stage}_{name}")

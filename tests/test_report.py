@@ -6,9 +6,14 @@ import sys
 from pathlib import Path
 
 from nanochat_ray.checkpoint import checkpoint_dir, save_checkpoint
-from nanochat_ray.report import read_metrics_log, summary_table, write_json_atomic, write_report
+from nanochat_ray.common import write_atomic
+from nanochat_ray.report import read_metrics_log, summary_table, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def record(name: str, started: float, seconds: float, **extra) -> dict:
@@ -25,17 +30,17 @@ def make_root(root: Path) -> None:
     lines = [{"step": s, "loss_ema": 6.0 - s * 0.1, "loss": 6.0} for s in (1, 2, 3, 4)]
     lines += [{"step": 3, "loss_ema": 5.0}, {"step": 4, "loss_ema": 4.9, "val_bpb": 3.1}]
     (base / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    write_json_atomic(records / "tokenizer.json", record("tokenizer", 1000.0, 10.0, result={
+    write_json(records / "tokenizer.json", record("tokenizer", 1000.0, 10.0, result={
         "vocab_size": 1024, "train_chars": 2_000_000, "train_seconds": 0.9, "compression": {"val": 2.5}}))
-    write_json_atomic(records / "pretrain.json", record("pretrain", 1010.0, 60.0, resumed=True,
+    write_json(records / "pretrain.json", record("pretrain", 1010.0, 60.0, resumed=True,
                                                         outputs=[str(step.relative_to(root))]))
-    write_json_atomic(records / "base_eval.json", record("base_eval", 1070.0, 30.0))
-    write_json_atomic(records / "sft_eval.json", record("sft_eval", 1100.0, 20.0))
+    write_json(records / "base_eval.json", record("base_eval", 1070.0, 30.0))
+    write_json(records / "sft_eval.json", record("sft_eval", 1100.0, 20.0))
     (root / "evals").mkdir()
-    write_json_atomic(root / "evals" / "base_d2.json", {
+    write_json(root / "evals" / "base_d2.json", {
         "model": "base d2 step 4", "train_bpb": 3.0, "val_bpb": 3.1, "core": -0.05, "max_per_task": 2,
         "core_tasks": {"copa": {"accuracy": 0.5, "centered": 0.0, "n": 2}}, "samples": {"The": " cat"}})
-    write_json_atomic(root / "evals" / "chat_sft_d2.json", {
+    write_json(root / "evals" / "chat_sft_d2.json", {
         "model": "sft d2 step 8", "max_per_task": 2, "chatcore": 0.125,
         "tasks": {"ARC-Easy": 0.5, "MMLU": 0.25, "GSM8K": 0.0, "SpellingBee": 1.0}})
 

@@ -14,17 +14,17 @@ import torch
 from nanochat_ray.checkpoint import build_model_from_checkpoint, checkpoint_dir, save_checkpoint
 from nanochat_ray.config import ConfigError, make_config
 from nanochat_ray.engine import Engine
-from nanochat_ray.evals.actors import load_model
+from nanochat_ray.evals.evaluator import load_model
 from nanochat_ray.gpt import build_gpt
 from nanochat_ray.rl.actors import Learner, LearnerActor, RolloutActor, RolloutWorker, StaleWeightsError
-from nanochat_ray.rl.loop import RLOptions, deal, question_order, rl_train, rollout_actors
+from nanochat_ray.rl.driver import RLOptions, deal, question_order, rl_train, rollout_actors
 from nanochat_ray.rl import policy as rl_policy
 from nanochat_ray.rl.policy import (Group, group_advantages, pass_at_k, policy_batch, policy_loss_sum, question_loss,
                                     sample_groups)
 from nanochat_ray.rl.tasks import GSM8KReward, SevenToy
 from nanochat_ray.tasks.gsm8k import assistant_text
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.worker import METRICS_LOG
+from nanochat_ray.stage import METRICS_LOG, RunOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import rl as rl_job  # noqa: E402
@@ -351,7 +351,7 @@ def test_rl_job_on_gsm8k_smoke(ray_cluster, sft_root, smoke_tokenizer_dir, data_
 
 def test_bad_options_fail_before_any_work(sft_root, smoke_tokenizer_dir):
     with pytest.raises(ConfigError, match="samples_per_question"):
-        rl_train(CFG, RLOptions(samples_per_question=0), tokenizer_dir=smoke_tokenizer_dir)
+        rl_train(CFG, RLOptions(samples_per_question=0), RunOptions(tokenizer_dir=smoke_tokenizer_dir))
 
 
 TOY = RLOptions(task="toy", questions_per_step=2, samples_per_question=4, max_new_tokens=8, eval_questions=2)
@@ -359,12 +359,12 @@ TOY = RLOptions(task="toy", questions_per_step=2, samples_per_question=4, max_ne
 
 def test_a_learner_exception_restarts_from_the_last_rl_checkpoint(ray_cluster, sft_root, smoke_tokenizer_dir,
                                                                    data_root, capsys):
-    from nanochat_ray.rl.loop import rl_config_defaults
+    from nanochat_ray.config import stage_defaults
 
-    cfg = make_config("smoke", depth=1, **{**rl_config_defaults("smoke"), "num_iterations": 4, "save_every": 2,
+    cfg = make_config("smoke", depth=1, **{**stage_defaults("rl", "smoke"), "num_iterations": 4, "save_every": 2,
                                            "eval_every": 0})
-    result = rl_train(cfg, TOY, tokenizer_dir=smoke_tokenizer_dir, data_root=str(data_root), fresh=True,
-                      max_failures=1, artifact_root=sft_root, fail_at_step=3, fail_in="learner")
+    result = rl_train(cfg, TOY, RunOptions(tokenizer_dir=smoke_tokenizer_dir, data_root=str(data_root), fresh=True,
+                                           max_failures=1, artifact_root=sft_root, fail_at_step=3), fail_in="learner")
     out = capsys.readouterr().out
     assert "RuntimeError: injected learner failure in the update to step 3" in out and "failure 1 of at most 1" in out
     # step 3's update raised: nothing of it was recorded, and the restart from checkpoint 2 redid it
@@ -372,9 +372,9 @@ def test_a_learner_exception_restarts_from_the_last_rl_checkpoint(ray_cluster, s
 
 
 def test_a_hung_call_is_a_clear_error_not_a_hang(ray_cluster, sft_root, smoke_tokenizer_dir, data_root, capsys):
-    from nanochat_ray.rl.loop import ActorTimeoutError
+    from nanochat_ray.rl.driver import ActorTimeoutError
 
     with pytest.raises(ActorTimeoutError, match="starting the learner took longer than 0.001 s.*--call-timeout-s"):
-        rl_train(CFG, dataclasses.replace(TOY, call_timeout_s=0.001), tokenizer_dir=smoke_tokenizer_dir,
-                 data_root=str(data_root), fresh=True, max_failures=1, artifact_root=sft_root)
+        rl_train(CFG, dataclasses.replace(TOY, call_timeout_s=0.001), RunOptions(
+            tokenizer_dir=smoke_tokenizer_dir, data_root=str(data_root), fresh=True, max_failures=1, artifact_root=sft_root))
     assert "failure 1 of at most 1" in capsys.readouterr().out  # retried once, then gave up

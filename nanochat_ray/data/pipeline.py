@@ -49,7 +49,8 @@ import torch.distributed as dist
 from nanochat_ray.config import Config
 from nanochat_ray.tasks import Task
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.loop import PAD_ID, Batches, TrainState
+from nanochat_ray.data.rows import PAD_ID
+from nanochat_ray.train.loop import Batches, TrainState
 
 CONVERSATIONS_PER_ITEM = 256  # one Ray Data item: enough work per call, and the first rows come fast
 ITEMS_PER_STREAM = 1024  # whole epochs of a small mixture run in one stream: its actors start once

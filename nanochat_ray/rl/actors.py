@@ -10,9 +10,10 @@ The Ray actors of RL: rollout workers that sample and score, and the one learner
 
 A worker refuses to sample with weights other than the version asked for (StaleWeightsError)
 unless allow_stale is set, so on-policy training can't silently use old weights.
+
+Run by: python jobs/rl.py --preset cpu.
 """
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,10 @@ from nanochat_ray.checkpoint import latest_step, load_checkpoint, read_checkpoin
 from nanochat_ray.common import autocast, compute_dtype, default_device
 from nanochat_ray.config import Config
 from nanochat_ray.gpt import build_gpt
-from nanochat_ray.optim import build_optimizers, set_muon_momentum, step_optimizers
+from nanochat_ray.optim import step_optimizers
 from nanochat_ray.rl.policy import Group, question_loss, sample_groups
 from nanochat_ray.rl.tasks import RewardTask, load_reward_task
+from nanochat_ray.stage import apply_schedule, checkpoint_meta, stage_optimizers, without_compile_prefix
 from nanochat_ray.tokenizer import Tokenizer
 
 
@@ -96,11 +98,7 @@ class Learner:
         self.autocast = autocast(self.device, self.dtype)
         torch.manual_seed(cfg.seed)
         self.model = build_gpt(cfg.gpt_config(), self.device)
-        self.optimizers = build_optimizers(self.model, cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr,
-                                           cfg.weight_decay)
-        for opt in self.optimizers:  # SPEC §10: 5% of the base LRs
-            for group in opt.param_groups:
-                group["initial_lr"] *= cfg.init_lr_frac
+        self.optimizers = stage_optimizers(self.model, cfg)  # SPEC §10: 5% of the base LRs
         self.step_count, self.train_seconds = 0, 0.0
         if resume and latest_step(self.stage_dir) is not None:
             model_state, optim_state, saved = load_checkpoint(self.stage_dir, device=self.device)
@@ -113,7 +111,7 @@ class Learner:
             self.started_from = init_from
         else:
             raise ValueError("the learner needs a checkpoint to start from (init_from) or an rl run to resume")
-        self.model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_state.items()})
+        self.model.load_state_dict(without_compile_prefix(model_state))
         self.version: int = self.step_count  # weights after this many updates
         self._reset()
 
@@ -161,11 +159,7 @@ class Learner:
         for p in self.model.parameters():
             if p.grad is not None:
                 p.grad.div_(questions)
-        multiplier = self.cfg.lr_multiplier(self.step_count, num_iterations)
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * multiplier
-        set_muon_momentum(self.optimizers[1], self.step_count, self.cfg.muon_momentum_warmup)
+        multiplier = apply_schedule(self.optimizers, self.cfg, self.step_count, num_iterations)
         grad_norm = step_optimizers(self.optimizers, self.cfg.grad_clip)
         self.step_count += 1
         self.version = self.step_count
@@ -178,9 +172,8 @@ class Learner:
 
     def save(self, metrics: dict) -> str:
         """Checkpoint the current step as stage rl (atomic; LATEST moves last)."""
-        meta = {**self.meta, "stage": "rl", "model_config": dataclasses.asdict(self.cfg.gpt_config()),
-                "config": self.cfg.to_dict(), "metrics": metrics,
-                "train_state": {"step": self.step_count, "train_seconds": self.train_seconds}}
+        meta = self.meta | checkpoint_meta("rl", self.cfg, self.step_count,
+                                           {"step": self.step_count, "train_seconds": self.train_seconds}, metrics)
         path = save_checkpoint(self.stage_dir, self.step_count, self.model.state_dict(),
                                [opt.state_dict() for opt in self.optimizers], meta)
         return str(path)

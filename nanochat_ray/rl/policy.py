@@ -10,6 +10,8 @@ model sampled, divided by the number of such tokens of that question; then the m
 step's questions. Prompt tokens, the calculator's forced tokens and the terminal token
 (<|assistant_end|> / <|bos|>) have mask 0, so target −1: context, never trained on (the
 reference's engine leaves the terminal token out of the sequence). No KL, no clipping: on-policy.
+
+Run by: python jobs/rl.py --preset cpu; tested by python -m pytest tests/test_rl.py.
 """
 
 import contextlib
@@ -18,6 +20,7 @@ from math import ceil, comb
 
 import torch
 
+from nanochat_ray.detokenizer import answer_text
 from nanochat_ray.engine import DecodeBatch
 from nanochat_ray.gpt import GPT, head_loss
 from nanochat_ray.tokenizer import Tokenizer
@@ -33,8 +36,7 @@ class Group:
 
     def completions(self, tokenizer: Tokenizer) -> list[str]:
         """Decoded answers, cut before <|assistant_end|> / <|bos|>."""
-        stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
-        return [tokenizer.decode(t[:next((i for i, x in enumerate(t) if x in stops), len(t))]) for t in self.tokens]
+        return [answer_text(tokenizer, t) for t in self.tokens]
 
 
 @torch.inference_mode()
@@ -48,7 +50,6 @@ def sample_groups(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], se
     longest = max(len(p) for p in prompts)
     batch = DecodeBatch(model, tokenizer, max_rows=len(prompts) * num_samples, seq_len=longest + max_tokens)
     groups = [Group(p, [[] for _ in range(num_samples)], [[] for _ in range(num_samples)]) for p in prompts]
-    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
     owner = {}  # row id → (group, sample)
     for j, (prompt, seed) in enumerate(zip(prompts, seeds)):
         ids = batch.add(prompt, num_samples, max_tokens, temperature, top_k, seed)
@@ -57,7 +58,7 @@ def sample_groups(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], se
         for row, generated in batch.step().items():
             j, i = owner[row]
             groups[j].tokens[i].append(generated.token)
-            groups[j].masks[i].append(0 if generated.token in stops else generated.mask)
+            groups[j].masks[i].append(0 if generated.token in tokenizer.answer_end_ids else generated.mask)
     return groups
 
 

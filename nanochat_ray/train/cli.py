@@ -1,11 +1,13 @@
-"""Command-line flags shared by the training jobs (jobs/pretrain.py, midtrain.py, sft.py)."""
+"""Command-line flags shared by the training jobs (python jobs/pretrain.py, midtrain.py, sft.py, rl.py), and
+the RunOptions built from them once."""
 
 import argparse
 import os
 from pathlib import Path
 
-from nanochat_ray.common import add_verbose_flag, base_dir
+from nanochat_ray.common import add_verbose_flag, default_tokenizer_dir
 from nanochat_ray.config import add_config_args
+from nanochat_ray.stage import PLACEMENT_STRATEGIES, RunOptions
 
 
 def training_parser(description: str) -> argparse.ArgumentParser:
@@ -25,22 +27,27 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def add_data_actor_args(parser: argparse.ArgumentParser) -> None:
-    """The Ray Data actor pool that tokenizes (pretraining) or renders (mid, sft) the training rows."""
+def add_trainer_args(parser: argparse.ArgumentParser) -> None:
+    """The Ray Train stages' own flags (pretraining, mid, sft): the Ray Data actor pool that
+    tokenizes (pretraining) or renders (mid, sft) the training rows, and the workers' placement."""
     parser.add_argument("--data-actors", type=int, default=1, help="actors in the Ray Data pool")
     parser.add_argument("--data-actor-cpus", type=float, default=None,
                         help="CPUs reserved by each data actor (default 1 with GPUs; 0 on CPU-only "
                              "runs, where the actors share the workers' cores instead of starving them)")
+    parser.add_argument("--placement-strategy", choices=PLACEMENT_STRATEGIES, default="PACK",
+                        help="how the workers are placed over nodes: PACK (fewest nodes), SPREAD (most nodes), "
+                             "STRICT_* (wait until that holds)")
 
 
-def data_actor_options(args: argparse.Namespace) -> dict:
-    """data_actors and data_actor_cpus for pretrain() and chat_train()."""
-    cpus = args.data_actor_cpus if args.data_actor_cpus is not None else float(args.use_gpu)
-    return {"data_actors": args.data_actors, "data_actor_cpus": cpus}
-
-
-def tokenizer_dir(args: argparse.Namespace) -> Path:
-    return args.tokenizer_dir or base_dir() / "tokenizer"
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """RunOptions from the parsed flags (those of add_trainer_args where the job has them)."""
+    data_actor_cpus = getattr(args, "data_actor_cpus", None)
+    return RunOptions(tokenizer_dir=args.tokenizer_dir or default_tokenizer_dir(), data_root=args.data_root,
+                      num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+                      resume=args.resume, fresh=args.fresh, max_failures=args.max_failures,
+                      fail_at_step=args.fail_at_step, data_actors=getattr(args, "data_actors", 1),
+                      data_actor_cpus=float(args.use_gpu) if data_actor_cpus is None else data_actor_cpus,
+                      placement_strategy=getattr(args, "placement_strategy", "PACK"))
 
 
 SUMMARY_METRICS = ("step", "val_bpb", "loss_ema", "mean_reward", "pass_at_1")

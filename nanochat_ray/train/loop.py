@@ -7,6 +7,8 @@ The pretraining loop of one worker, plain PyTorch: no Ray in here.
 `hooks` report metrics and save checkpoints. The Ray Train worker (train/pretrain.py) and
 the tests plug in their own, so the same loop runs under TorchTrainer and in one process.
 Gradients are synced by the distributed optimizers (optim.py), not by a DDP wrapper.
+
+Run by: python jobs/pretrain.py (and midtrain.py, sft.py); tested by python -m pytest tests/test_loop.py.
 """
 
 import time
@@ -19,8 +21,10 @@ import torch.distributed as dist
 
 from nanochat_ray.common import autocast, compute_dtype, print0, rank_world
 from nanochat_ray.config import Config
+from nanochat_ray.data.rows import PAD_ID, to_batch
 from nanochat_ray.gpt import GPT
-from nanochat_ray.optim import set_muon_momentum, step_optimizers
+from nanochat_ray.optim import step_optimizers
+from nanochat_ray.stage import apply_schedule
 
 @dataclass
 class TrainState:
@@ -31,8 +35,6 @@ class TrainState:
     train_seconds: float = 0.0  # time inside steps, excluding evals and checkpoints
 
 
-PAD_ID = -1  # token id of padding in chat rows: not a real token, so not counted as trained on
-
 # batches(step) asks for a step's rows and returns a function that waits for them:
 # () -> (rows (accum·B, T+1), data position after the step)
 Batches = Callable[[int], Callable[[], tuple[np.ndarray, dict]]]
@@ -40,22 +42,6 @@ Batches = Callable[[int], Callable[[], tuple[np.ndarray, dict]]]
 Report = Callable[[dict, TrainState, bool], None]
 # (every N steps, evaluation returning metrics), e.g. (cfg.eval_every, val_bpb)
 Periodic = Sequence[tuple[int, Callable[[], dict]]]
-
-
-def to_batch(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows → inputs (B, T) and targets (B, T), int64 on the device.
-
-    rows is (B, T+1) tokens (pretraining: every target counts) or (B, 2, T+1) tokens and a loss
-    mask (chat stages: targets whose mask is 0 become -1, which the loss ignores; padding, PAD_ID
-    with mask 0, is fed as token 0: causal attention keeps it out of every real position).
-    """
-    rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    if device.type == "cuda":
-        rows = rows.pin_memory().to(device, non_blocking=True)  # overlaps the copy with compute
-    if rows.ndim == 3:
-        tokens, mask = rows[:, 0], rows[:, 1]
-        return tokens[:, :-1].clamp(min=0), tokens[:, 1:].masked_fill(mask[:, 1:] == 0, -1)
-    return rows[:, :-1], rows[:, 1:]
 
 
 def real_tokens(rows: np.ndarray) -> int:
@@ -95,11 +81,7 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
     while state.step < num_iterations:
         step = state.step
         start = time.perf_counter()
-        multiplier = cfg.lr_multiplier(step, num_iterations)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * multiplier
-        set_muon_momentum(optimizers[1], step, cfg.muon_momentum_warmup)
+        multiplier = apply_schedule(optimizers, cfg, step, num_iterations)
 
         rows, position = pending()  # blocks only when the data pipeline is behind
         waited = time.perf_counter() - start
@@ -158,14 +140,3 @@ def run(cfg: Config, model: GPT, optimizers: list[torch.optim.Optimizer], batche
                + (f" | val bpb {metrics['val_bpb']:.4f}" if "val_bpb" in metrics else ""))
         report(metrics, state, last or (cfg.save_every > 0 and state.step % cfg.save_every == 0))
     return state
-
-
-@torch.no_grad()
-def sample_greedy(model: GPT, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """Greedy continuation without a KV cache: only for the few fixed-prompt samples."""
-    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
-    for _ in range(max_tokens):
-        hidden = model.hidden_states(ids[:, -model.config.sequence_len:])[:, -1]  # the last position's only
-        next_id = model.logits(hidden).argmax(-1, keepdim=True)
-        ids = torch.cat([ids, next_id], dim=1)
-    return ids[0, len(prompt_ids):].tolist()

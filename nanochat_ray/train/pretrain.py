@@ -13,8 +13,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -26,34 +24,11 @@ from nanochat_ray.evals import core
 from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.gpt import GPT
 from nanochat_ray.tokenizer import Tokenizer
+from nanochat_ray.data.rows import to_batch, val_rows
+from nanochat_ray.stage import SAMPLE_PROMPTS, RunOptions, check_stage
 from nanochat_ray.train import startup
-from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers, to_batch
-from nanochat_ray.train.worker import TrainSpec, check_stage, fit
-
-VAL_DOCS_PER_BATCH = 64  # documents tokenized at a time for the validation rows
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
-                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
-
-
-def val_rows(val_shard: str, tokenizer: Tokenizer, cfg: Config, rank: int, world_size: int) -> np.ndarray:
-    """This worker's share of the first cfg.eval_tokens tokens of the validation shard, packed."""
-    row_len = cfg.seq_len + 1
-    wanted = cfg.eval_tokens // cfg.seq_len  # rows over all workers
-    stream: list[int] = []
-    shard = pq.ParquetFile(val_shard)
-    # documents in small batches, stopping once there are enough tokens: a shard can be one row
-    # group of millions of characters, and the evaluation needs the first ~eval_tokens of it
-    for batch in shard.iter_batches(batch_size=VAL_DOCS_PER_BATCH, columns=["text"]):
-        for ids in tokenizer.encode(batch.column("text").to_pylist(), prepend="<|bos|>"):
-            stream += ids
-        if len(stream) >= wanted * row_len:
-            break
-    available = len(stream) // row_len
-    if available < world_size:
-        raise ValueError(f"validation shard {val_shard} holds {available} rows of {row_len} tokens, "
-                         f"fewer than the {world_size} workers; use a bigger val shard or a shorter seq_len")
-    rows = np.array(stream[:min(wanted, available) * row_len], dtype=np.int32).reshape(-1, row_len)
-    return rows[rank::world_size][: len(rows) // world_size]  # equal shares: every rank runs the same batches
+from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers
+from nanochat_ray.train.worker import TrainSpec, fit
 
 
 @dataclass
@@ -114,36 +89,33 @@ def start_state(stage_dir: Path, resume: bool) -> tuple[int, dict]:
     return meta["train_state"]["step"], meta["train_state"]["data_position"]
 
 
-def pretrain(cfg: Config, *, num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
-             train_shards: list[Path], val_shard: Path, tokenizer_dir: Path, resume: bool = False,
-             fresh: bool = False, max_failures: int = 2, data_actors: int = 1, data_actor_cpus: float = 0.5,
-             core_bundle: Path | None = None, artifact_root: Path | None = None,
-             fail_at_step: int | None = None, callbacks: list | None = None, placement_strategy: str = "PACK",
+def pretrain(cfg: Config, run: RunOptions, *, train_shards: list[Path], val_shard: Path,
+             core_bundle: Path | None = None, callbacks: list | None = None, stage_dir: Path | None = None,
              feeder_options: dict | None = None) -> dict:
     """Run base pretraining with Ray Train; returns the final metrics and checkpoint path.
 
-    Every input is checked before Ray starts (a local Ray is started when none is running).
-    `core_bundle` (the DCLM eval bundle directory) is needed when cfg.core_every > 0. `callbacks`
-    go to Ray Train's RunConfig (jobs/sweep.py forwards each report to Tune this way).
-    `placement_strategy` places the workers over nodes (worker.fit); `feeder_options` are Ray
-    actor options of the BatchFeeder (e.g. a scheduling strategy that keeps it on the head).
+    Every input is checked before Ray starts (a local Ray is started when none is running);
+    `stage_dir` is what check_stage returned when the caller checked already (jobs/pretrain.py,
+    before its downloads). `core_bundle` (the DCLM eval bundle directory) is needed when
+    cfg.core_every > 0. `callbacks` go to Ray Train's RunConfig (jobs/sweep.py forwards each
+    report to Tune this way). `feeder_options` are Ray actor options of the BatchFeeder (e.g. a
+    scheduling strategy that keeps it on the head).
     """
-    stage_dir = check_stage(cfg, "base", tokenizer_dir, num_workers, resume, fresh, artifact_root)
+    stage_dir = stage_dir or check_stage(cfg, "base", run)
     row_groups(train_shards + [val_shard])  # a missing or corrupt shard fails here, by name
     if cfg.core_every > 0 and core_bundle is None:
         raise ConfigError("core_every > 0 needs the CORE eval bundle (core_bundle); or pass --core-every -1")
     init_ray()
     startup.mark("ray")
     feeder = BatchFeeder.options(**(feeder_options or {})).remote(
-        [str(p) for p in train_shards], str(tokenizer_dir), cfg.seq_len, data_actors, data_actor_cpus)
+        [str(p) for p in train_shards], str(run.tokenizer_dir), cfg.seq_len, run.data_actors, run.data_actor_cpus)
     # the pipeline reads the first step's rows while the workers start (rank 0's reset is then a no-op)
-    step, position = start_state(stage_dir, resume)
+    step, position = start_state(stage_dir, run.resume)
     startup.mark("pipeline")
-    feeder.reset.remote(position, step, num_workers, rows_per_slice(cfg, num_workers))
-    data = PretrainData(feeder, str(tokenizer_dir), str(val_shard), str(core_bundle) if core_bundle else None)
+    feeder.reset.remote(position, step, run.num_workers, rows_per_slice(cfg, run.num_workers))
+    data = PretrainData(feeder, str(run.tokenizer_dir), str(val_shard), str(core_bundle) if core_bundle else None)
     try:
-        return fit(TrainSpec("base", cfg, stage_dir, data, resume=resume, fail_at_step=fail_at_step),
-                   num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
-                   max_failures=max_failures, callbacks=callbacks, placement_strategy=placement_strategy)
+        return fit(TrainSpec("base", cfg, stage_dir, data, resume=run.resume, fail_at_step=run.fail_at_step), run,
+                   callbacks=callbacks)
     finally:
         ray.kill(feeder)

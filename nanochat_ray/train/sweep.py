@@ -4,10 +4,12 @@ run (train/pretrain.py: a TorchTrainer fed by the Ray Data pipeline), and ASHA s
 val bits per byte fall behind at a rung.
 
     rows = sweep(cfg, {"matrix_lr": [0.01, 0.02]}, name="lr", root=Path("sweeps/lr"), grace_period=250,
-                 train_shards=..., val_shard=..., tokenizer_dir=...)   # + any other pretrain() option
+                 run=RunOptions(tokenizer_dir=...), train_shards=..., val_shard=...)   # + any other pretrain() option
 
 Ray 2.60 runs Train inside Tune as `Tuner(function)` whose function calls TorchTrainer.fit(); Train's
 reports reach Tune only through a callback (EvalsToTune, below).
+
+Run by: python jobs/sweep.py --preset smoke.
 """
 
 import dataclasses
@@ -24,6 +26,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from nanochat_ray.config import Config, ConfigError
 from nanochat_ray.gpt import GPT
+from nanochat_ray.stage import RunOptions
 from nanochat_ray.train.pretrain import pretrain
 
 METRIC = "val_bpb"  # lower is better
@@ -100,13 +103,15 @@ class Trials:
     """What every trial shares; each one overrides the grid's fields of `cfg`."""
     cfg: Config
     root: Path  # <base dir>/sweeps/<name>
-    options: dict  # pretrain()'s keyword arguments: workers, shards, tokenizer, data actors
+    run: RunOptions  # workers, tokenizer; each trial's artifact root is its own directory under root
+    options: dict  # pretrain()'s other keyword arguments: shards, data actors, CORE bundle
 
 
 def run_trial(params: dict, trials: Trials) -> None:
     cfg = dataclasses.replace(trials.cfg, **params)
     trial = tune.get_context().get_trial_id()
-    pretrain(cfg, artifact_root=trials.root / trial, callbacks=[EvalsToTune()], **trials.options)
+    pretrain(cfg, dataclasses.replace(trials.run, artifact_root=trials.root / trial), callbacks=[EvalsToTune()],
+             **trials.options)
 
 
 run_trial.__mixins__ = (AbortTrainOnStop,)  # Tune builds the trial's actor class from these + the function
@@ -116,13 +121,13 @@ run_trial.__mixins__ = (AbortTrainOnStop,)  # Tune builds the trial's actor clas
 # the driver
 
 
-def sweep(cfg: Config, grid: dict[str, list], *, name: str, root: Path, grace_period: int,
+def sweep(cfg: Config, grid: dict[str, list], *, name: str, root: Path, run: RunOptions, grace_period: int,
           reduction_factor: float = 2.0, max_concurrent_trials: int = 1, **pretrain_options) -> list[dict]:
     """Run one pretraining per point of `grid` (each a dataclasses.replace of cfg) under
     root/<trial id>, ASHA stopping laggards; returns table_rows() of the trials."""
     configs = {values: dataclasses.replace(cfg, **dict(zip(grid, values))) for values in product(*grid.values())}
     horizons = {values: horizon(c) for values, c in configs.items()}
-    trials = Trials(cfg, root, pretrain_options)
+    trials = Trials(cfg, root, run, pretrain_options)
     tuner = tune.Tuner(
         # the trial's own actor only waits on its TorchTrainer, whose workers hold the real resources
         tune.with_resources(tune.with_parameters(run_trial, trials=trials), {"CPU": 0.01}),

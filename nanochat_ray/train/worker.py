@@ -16,13 +16,14 @@ On a cluster the artifact root must be storage every node sees: fit() writes a m
 and every worker reads it before anything else, so a node without the shared mount fails the
 run at start-up, naming the node, instead of at its first checkpoint. Workers are placed with
 the placement strategy given to fit() (PACK by default; SPREAD or STRICT_SPREAD over nodes).
+
+Run by: python jobs/pretrain.py, jobs/midtrain.py, jobs/sft.py.
 """
 
 import dataclasses
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -38,21 +39,18 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from nanochat_ray.checkpoint import (checkpoint_dir, describe_file, finalize_checkpoint, latest_step, load_checkpoint,
+from nanochat_ray.checkpoint import (describe_file, finalize_checkpoint, latest_step, load_checkpoint,
                                      mark_latest, read_checkpoint, step_name, write_checkpoint)
-from nanochat_ray.common import compute_dtype, init_ray, maybe_compile, peak_flops, print0, verbose, write_atomic
-from nanochat_ray.config import Config, ConfigError, validate
+from nanochat_ray.common import compute_dtype, dashboard_gauges, maybe_compile, peak_flops, print0, verbose, write_atomic
+from nanochat_ray.config import Config, ConfigError
 from nanochat_ray.gpt import GPT, build_gpt
-from nanochat_ray.optim import build_optimizers
 from nanochat_ray.tokenizer import Tokenizer
+from nanochat_ray.stage import (METRICS_LOG, PLACEMENT_STRATEGIES, TRAINING_GAUGES, MetricRecorder, RunOptions,
+                                checkpoint_meta, greedy_samples, stage_optimizers, without_compile_prefix)
 from nanochat_ray.train import startup
-from nanochat_ray.train.loop import Batches, Periodic, TrainState, run, sample_greedy
+from nanochat_ray.train.loop import Batches, Periodic, TrainState, run
 
-METRICS_LOG = "metrics.jsonl"  # one line per step, by rank 0; a restart cuts it back to the checkpoint's step
 STORAGE_MARKERS = ".shared-storage"  # under the artifact root: one marker file per running fit()
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
-DASHBOARD_METRICS = ("loss_ema", "tokens_per_second", "mfu", "data_wait_fraction", "step", "val_bpb",
-                     "core", "mmlu_acc", "arc_easy_acc")  # the evaluations during training, when a stage runs them
 
 
 class DataSource(Protocol):
@@ -84,29 +82,6 @@ class TrainSpec:
     fail_at_step: int | None = None  # test-only: the last rank exits hard after this step
     storage_marker: str | None = None  # set by fit(): the marker file every worker must see
     startup: dict | None = None  # set by fit(): the driver's start-up marks (train/startup.py)
-
-
-class NullLogger:
-    """Stands in for wandb when no run name is given, so the loop has no `if wandb` branches."""
-
-    def log(self, metrics: dict, step: int) -> None:
-        pass
-
-
-def make_logger(cfg: Config, stage: str, rank: int):
-    if cfg.run == "dummy" or rank != 0:
-        return NullLogger()
-    import wandb  # imported only when used: it is slow to import
-
-    return wandb.init(project="nanochat-ray", name=f"{cfg.run}-{stage}", config=cfg.to_dict())
-
-
-def dashboard_gauges(stage: str) -> dict:
-    """Custom metrics for the Ray dashboard (Prometheus names: letters, digits, underscores)."""
-    from ray.util.metrics import Gauge
-
-    return {name: Gauge(f"nanochat_{stage}_{name}", description=f"{stage} training {name}", tag_keys=("model",))
-            for name in DASHBOARD_METRICS}
 
 
 # -----------------------------------------------------------------------------
@@ -167,10 +142,7 @@ def train_worker(spec: TrainSpec) -> None:
     torch.manual_seed(cfg.seed)
 
     model = build_gpt(cfg.gpt_config(), device)
-    optimizers = build_optimizers(model, cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay)
-    for opt in optimizers:  # e.g. SFT starts at 2% of the base LRs
-        for group in opt.param_groups:
-            group["initial_lr"] *= cfg.init_lr_frac
+    optimizers = stage_optimizers(model, cfg)  # e.g. SFT starts at 2% of the base LRs
     state, resumed_from = TrainState(), None
     ray_checkpoint = ray.train.get_checkpoint()  # set after a worker failure (FailureConfig)
     if ray_checkpoint is not None:
@@ -190,7 +162,7 @@ def train_worker(spec: TrainSpec) -> None:
         print0(f"resumed from {resumed_from} at step {state.step}")
     elif spec.init_from is not None:
         model_state, _, meta = read_checkpoint(spec.init_from, device, load_optimizer=False)
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_state.items()})
+        model.load_state_dict(without_compile_prefix(model_state))
         print0(f"starting from {spec.init_from}")
     if rank == 0:
         truncate_metrics(spec.stage_dir / METRICS_LOG, state.step)
@@ -204,28 +176,23 @@ def train_worker(spec: TrainSpec) -> None:
 
     def sample() -> dict:
         if rank == 0:
-            for ids in prompts:
-                print0(f"  {tokenizer.decode(ids)!r} -> {tokenizer.decode(sample_greedy(model, ids, 16))!r}")
+            for ids, text in zip(prompts, greedy_samples(model, tokenizer, prompts)):
+                print0(f"  {tokenizer.decode(ids)!r} -> {text!r}")
         return {}
 
-    logger, gauges = make_logger(cfg, spec.stage, rank), dashboard_gauges(spec.stage) if rank == 0 else {}
+    recorder = (MetricRecorder(cfg, spec.stage, spec.stage_dir, dashboard_gauges(spec.stage, TRAINING_GAUGES))
+                if rank == 0 else None)
 
     def report(metrics: dict, state: TrainState, save: bool) -> None:
         if state.step == first_step and rank == 0:
             rows_at = spec.data.first_rows_time() if hasattr(spec.data, "first_rows_time") else None
             print0(startup.format_breakdown(marks | {"step1": time.time()} | ({"rows": rows_at} if rows_at else {})))
-        logger.log(metrics, step=state.step)
-        if rank == 0:  # the run's history, for the report card and for comparing runs
-            with open(spec.stage_dir / METRICS_LOG, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        for name, gauge in gauges.items():
-            if name in metrics:
-                gauge.set(metrics[name], tags={"model": cfg.model_tag})
+        if recorder is not None:
+            recorder.record(metrics)
         if not save:
             ray.train.report(metrics)
         else:
-            meta = {"step": state.step, "stage": spec.stage, "model_config": dataclasses.asdict(cfg.gpt_config()),
-                    "config": cfg.to_dict(), "train_state": dataclasses.asdict(state), "metrics": metrics}
+            meta = checkpoint_meta(spec.stage, cfg, state.step, dataclasses.asdict(state), metrics)
             save_and_report(metrics, meta, model, optimizers, rank, world_size)
             if rank == 0:
                 mark_latest(spec.stage_dir, state.step)
@@ -270,29 +237,6 @@ def save_and_report(metrics: dict, meta: dict, model: GPT, optimizers: list, ran
 # the driver
 
 
-def check_stage(cfg: Config, stage: str, tokenizer_dir: Path, num_workers: int = 1, resume: bool = False,
-                fresh: bool = False, artifact_root: Path | None = None) -> Path:
-    """Everything that can be wrong before any work: config, tokenizer, an existing run.
-
-    Returns the stage directory, ready to write into (--fresh moves an old run aside).
-    """
-    validate(cfg, world_size=num_workers)
-    tokenizer = Tokenizer.from_directory(tokenizer_dir)
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise ConfigError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens but vocab_size is "
-                          f"{cfg.vocab_size}: pass --vocab-size {tokenizer.vocab_size}, or retrain the tokenizer")
-    stage_dir = checkpoint_dir(stage, cfg.model_tag, artifact_root)
-    if latest_step(stage_dir) is not None and not resume:
-        if not fresh:
-            raise ConfigError(f"{stage_dir} already holds a {cfg.model_tag} {stage} run: pass --resume to "
-                              f"continue it, or --fresh to move it aside and start over")
-        aside = stage_dir.with_name(f"{stage_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(stage_dir, aside)
-        print(f"moved the previous run aside to {aside}")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    return stage_dir
-
-
 def write_storage_marker(stage_dir: Path) -> Path:
     """A marker file under the artifact root (<root>/checkpoints/<stage>/<tag> is the stage dir),
     unique to this fit() so that concurrent runs (a sweep's trials) never remove each other's."""
@@ -302,28 +246,27 @@ def write_storage_marker(stage_dir: Path) -> Path:
     return marker
 
 
-def fit(spec: TrainSpec, *, num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
-        max_failures: int = 2, callbacks: list | None = None, placement_strategy: str = "PACK") -> dict:
-    """Run one training stage on Ray Train; returns the final metrics and checkpoint path.
+def fit(spec: TrainSpec, run: RunOptions, callbacks: list | None = None) -> dict:
+    """Run one training stage on Ray Train (the stage's driver has started Ray); returns the final
+    metrics and checkpoint path.
 
     `callbacks` go to the RunConfig (e.g. Tune's TuneReportCallback when a sweep runs the stage).
-    `placement_strategy` places the workers' bundles over nodes (PACK: as few nodes as possible;
+    `run.placement_strategy` places the workers' bundles over nodes (PACK: as few nodes as possible;
     SPREAD: over as many as possible; STRICT_*: or wait until that is possible).
     """
-    if placement_strategy not in PLACEMENT_STRATEGIES:
+    if run.placement_strategy not in PLACEMENT_STRATEGIES:
         raise ConfigError(f"placement strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
-                          f"got {placement_strategy!r}")
-    init_ray()
+                          f"got {run.placement_strategy!r}")
     marker = write_storage_marker(spec.stage_dir)
     spec = dataclasses.replace(spec, storage_marker=str(marker),
                                startup=startup.MARKS | {"fit": time.time()})
-    resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    resources = {"CPU": run.cpus_per_worker} | ({"GPU": 1} if run.use_gpu else {})
     trainer = TorchTrainer(
         train_worker, train_loop_config=spec,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     placement_strategy=placement_strategy),
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=run.placement_strategy),
         run_config=RunConfig(name=spec.stage_dir.name, storage_path=str(spec.stage_dir.parent),
-                             failure_config=FailureConfig(max_failures=max_failures),
+                             failure_config=FailureConfig(max_failures=run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=3), callbacks=callbacks,
                              # Train's own INFO lines (resource requests, worker-group start, a
                              # "Reporting training result" dump per step) only with --verbose

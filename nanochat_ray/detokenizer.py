@@ -1,5 +1,7 @@
 """
-Token ids → text deltas for streaming, with stop strings.
+Text from token ids, in one place: an answer's text (`answer_text`), and text deltas for
+streaming with stop strings (`TextStream`), used by the chat server (serve/app.py), the terminal
+chat (python jobs/chat_cli.py), the chat evals and RL's rewards.
 
     text = TextStream(tokenizer, stop=["\\n\\n"])
     delta = text.feed(token_ids)      # text that is safe to send now
@@ -12,6 +14,12 @@ from nanochat_ray.tokenizer import Tokenizer
 MAX_PENDING = 8  # tokens held back while they decode to an incomplete UTF-8 character
 
 
+def answer_text(tokenizer: Tokenizer, tokens: list[int]) -> str:
+    """The text of a sampled answer: its tokens decoded up to the first <|assistant_end|> / <|bos|>."""
+    end = next((i for i, token in enumerate(tokens) if token in tokenizer.answer_end_ids), len(tokens))
+    return tokenizer.decode(tokens[:end])
+
+
 class TextStream:
     """Decodes each token once (not the whole answer per step), holding back tokens that end
     mid-character and text that might be the start of a stop string."""
@@ -19,7 +27,7 @@ class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None):
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
-        self.terminal = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
+        self.terminal = tokenizer.answer_end_ids
         self.pending: list[int] = []  # token ids not yet decoded into text
         self.unsent = ""  # decoded text not yet sent (may start a stop string)
         self.text = ""  # everything sent so far

@@ -15,34 +15,32 @@ are reproducible; the data position saved with a checkpoint (conversation, and f
 of it already trained on) makes a resume continue exactly.
 """
 
-import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import ray
 import torch
 
-from nanochat_ray.checkpoint import checkpoint_dir, latest_step, load_checkpoint, step_name
 from nanochat_ray.common import autocast, compute_dtype, init_ray
-from nanochat_ray.config import Config, ConfigError
+from nanochat_ray.config import Config, ConfigError, config_from_args
 from nanochat_ray.data.pipeline import ChatFeeder, feeder_batches, pack_rows
 from nanochat_ray.data.registry import DataUnavailableError, mirror_root
 from nanochat_ray.evals.bpb import evaluate_bpb
-from nanochat_ray.evals.chat import evaluate_categorical, load_eval_task
+from nanochat_ray.evals.chatcore import evaluate_categorical, load_eval_task
 from nanochat_ray.gpt import GPT
 from nanochat_ray.tasks import (ARC, GSM8K, MMLU, Identity, SimpleSpelling, SmolTalk, SpellingBee, Task,
                                 TaskMixture)
 from nanochat_ray.tokenizer import Tokenizer
-from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers, to_batch
-from nanochat_ray.train.worker import TrainSpec, check_stage, fit
+from nanochat_ray.data.rows import to_batch
+from nanochat_ray.stage import SAMPLE_QUESTIONS, RunOptions, check_stage, previous_checkpoint
+from nanochat_ray.train.cli import add_trainer_args, done_line, run_options, training_parser
+from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers
+from nanochat_ray.train.worker import TrainSpec, fit
 
-PREVIOUS = {"mid": "base", "sft": "mid"}
 QUICK_EVAL_EXAMPLES = 64  # MMLU and ARC-Easy questions of each SFT evaluation
-SAMPLE_QUESTIONS = ["What is the capital of France?", "Who are you?", "How many r are in strawberry?"]
 
 
 class Fallbacks:
@@ -162,54 +160,42 @@ class ChatData:
                 for q in SAMPLE_QUESTIONS]
 
 
-def chat_feeder(stage: str, cfg: Config, tokenizer_dir: Path, data_root: str | None, missing: set[str],
-                conversations: int, data_actors: int = 1, data_actor_cpus: float = 0.5) -> "ray.actor.ActorHandle":
-    """The ChatFeeder of a stage: `data_actors` Ray Data actors render its mixture (built on each,
+def chat_feeder(stage: str, cfg: Config, run: RunOptions, data_root: str | None, missing: set[str],
+                conversations: int) -> "ray.actor.ActorHandle":
+    """The ChatFeeder of a stage: run.data_actors Ray Data actors render its mixture (built on each,
     with the stand-ins for the `missing` splits the driver found)."""
     mixture = functools.partial(training_mixture, stage, data_root, cfg.seed, Fallbacks(missing))
-    return ChatFeeder.remote(mixture, conversations, str(tokenizer_dir), cfg.seq_len, stage == "mid",
-                             data_actors, data_actor_cpus)
+    return ChatFeeder.remote(mixture, conversations, str(run.tokenizer_dir), cfg.seq_len, stage == "mid",
+                             run.data_actors, run.data_actor_cpus)
 
 
-def previous_checkpoint(previous: str, cfg: Config, artifact_root: Path | None = None) -> Path:
-    """The latest checkpoint of the stage a stage starts from; an error naming the job to run if
-    there is none, or if its model differs from cfg's."""
-    previous_dir = checkpoint_dir(previous, cfg.model_tag, artifact_root)
-    previous_step = latest_step(previous_dir)
-    if previous_step is None:
-        job = {"base": "jobs/pretrain.py", "mid": "jobs/midtrain.py", "sft": "jobs/sft.py"}[previous]
-        raise ConfigError(f"no {previous} checkpoint of {cfg.model_tag} in {previous_dir}: run {job} first "
-                          f"(or pass the same --preset/--depth as that run)")
-    _, _, meta = load_checkpoint(previous_dir, previous_step, load_optimizer=False)
-    if meta["model_config"] != dataclasses.asdict(cfg.gpt_config()):
-        raise ConfigError(f"the {previous} checkpoint's model {meta['model_config']} differs from this "
-                          f"config's {dataclasses.asdict(cfg.gpt_config())}: pass the same --preset and overrides "
-                          f"as that run")
-    return previous_dir / step_name(previous_step)
-
-
-def chat_train(stage: str, cfg: Config, *, tokenizer_dir: Path, data_root: str | None = None,
-               num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0, resume: bool = False,
-               fresh: bool = False, max_failures: int = 2, data_actors: int = 1, data_actor_cpus: float = 0.5,
-               artifact_root: Path | None = None, fail_at_step: int | None = None) -> dict:
+def chat_train(stage: str, cfg: Config, run: RunOptions) -> dict:
     """Midtrain (stage "mid", from the latest base checkpoint) or SFT (stage "sft", from mid)."""
-    stage_dir = check_stage(cfg, stage, tokenizer_dir, num_workers, resume, fresh, artifact_root)
-    start_from = previous_checkpoint(PREVIOUS[stage], cfg, artifact_root)
-    mirror = mirror_root(data_root)  # resolved here: workers see neither relative paths nor our environment
+    stage_dir = check_stage(cfg, stage, run)
+    start_from = previous_checkpoint(stage, cfg, run.artifact_root)
+    mirror = mirror_root(run.data_root)  # resolved here: workers see neither relative paths nor our environment
     mirror = str(mirror) if mirror else None
     fallbacks = Fallbacks()
     mixture = training_mixture(stage, mirror, cfg.seed, fallbacks)  # missing data fails here, before Ray
     print(f"{stage}: {len(mixture):,} conversations, starting from {start_from}")
     init_ray()
-    feeder = chat_feeder(stage, cfg, tokenizer_dir, mirror, fallbacks.missing, len(mixture), data_actors,
-                         data_actor_cpus)
+    feeder = chat_feeder(stage, cfg, run, mirror, fallbacks.missing, len(mixture))
     if stage == "mid" and cfg.num_iterations <= 0:
         feeder.epoch_tokens.remote()  # the horizon: counted on the data actors while the workers start
-    data = ChatData(stage, str(tokenizer_dir), mirror, feeder, len(mixture))
-    spec = TrainSpec(stage, cfg, stage_dir, data, resume=resume, init_from=start_from,
-                     fail_at_step=fail_at_step)
+    data = ChatData(stage, str(run.tokenizer_dir), mirror, feeder, len(mixture))
+    spec = TrainSpec(stage, cfg, stage_dir, data, resume=run.resume, init_from=start_from,
+                     fail_at_step=run.fail_at_step)
     try:
-        return fit(spec, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
-                   max_failures=max_failures)
+        return fit(spec, run)
     finally:
         ray.kill(feeder)
+
+
+def main(stage: str, description: str, argv: list[str] | None = None) -> dict:
+    """The command line of jobs/midtrain.py and jobs/sft.py: the training flags over the stage's defaults."""
+    parser = training_parser(description)
+    add_trainer_args(parser)
+    args = parser.parse_args(argv)
+    result = chat_train(stage, config_from_args(args, stage), run_options(args))
+    print(done_line(result))
+    return result

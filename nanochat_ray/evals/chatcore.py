@@ -8,6 +8,8 @@ sampling and checking, and the ChatCORE summary.
 Plain torch, no Ray. To shard, give each worker some of the example indices and add the results
 in the driver, `sum(results, EvalResult())`: exact, because results carry counts, and sampling is
 seeded per example, so a sample does not depend on which shard drew it.
+
+Run by: python jobs/chat_eval.py --stage sft (and SFT's quick evals); tested by python -m pytest tests/test_chat_eval.py.
 """
 
 import contextlib
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from nanochat_ray.detokenizer import answer_text
 from nanochat_ray.engine import Engine
 from nanochat_ray.gpt import GPT
 from nanochat_ray.tasks import ARC, GSM8K, MMLU, HumanEval, SpellingBee, Task
@@ -136,7 +139,6 @@ def evaluate_generative(task: Task, indices: Iterable[int], tokenizer: Tokenizer
                         top_k: int = 50, seed: int = 0) -> EvalResult:
     """Sample num_samples completions per example and check them with task.evaluate: pass@k, an
     example counts as correct when any of its samples is."""
-    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
     result = EvalResult()
     for index in indices:
         conversation = task[index]
@@ -144,11 +146,8 @@ def evaluate_generative(task: Task, indices: Iterable[int], tokenizer: Tokenizer
         # seeded by example, so shards draw the same samples; spaced by num_samples for engines
         # that seed sample j with seed + j
         samples = generate(prompt, num_samples, max_tokens, temperature, top_k, seed + index * num_samples)
-        completions = []
-        for sample in samples:
-            # an engine may or may not return the stop token; cut at the first either way
-            end = next((i for i, t in enumerate(sample) if t in stops), len(sample))
-            completions.append(tokenizer.decode(sample[:end]))
+        # an engine may or may not return the stop token; answer_text cuts at the first either way
+        completions = [answer_text(tokenizer, sample) for sample in samples]
         correct = any(task.evaluate(conversation, c) for c in completions)
         result.record(index, completions, correct)
     return result

@@ -1,13 +1,9 @@
 """Streaming text from token ids: whole characters only, stop strings cut exactly, nothing lost."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
+from nanochat_ray.detokenizer import TextStream
 from nanochat_ray.tokenizer import Tokenizer
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the serve package at the checkout root
-from serve.text import TextStream  # noqa: E402
 
 
 @pytest.fixture(scope="module")

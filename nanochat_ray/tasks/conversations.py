@@ -4,6 +4,8 @@ General chat data: SmolTalk (SPEC §7, §9) and the identity conversations that 
 Rows are in the reference's shuffled order (seed 42), so SFT's first 10K rows are a random subset.
 With the offline mirror, SmolTalk is its small stand-in (LIMA + Alpaca, sft/SOURCE.md), which has
 no test split: there, after the shuffle, every 20th row is held out as "test" and "train" is the rest.
+
+Run by: python jobs/midtrain.py and python jobs/sft.py.
 """
 
 import re

@@ -1,7 +1,7 @@
 """
 The RL driver (SPEC §10): one learner actor, a pool of rollout actors, on-policy steps.
 
-    rl_train(cfg, RLOptions(), tokenizer_dir=..., data_root=...)     # python jobs/rl.py
+    rl_train(cfg, RLOptions(), RunOptions(tokenizer_dir=...))     # python jobs/rl.py
 
 Each step:
   1. the learner's weights are published once (one ray.put per version) and loaded by every
@@ -26,7 +26,6 @@ Not overlapped: sampling step s+1 before update s lands would be off-policy (sta
 actors refuse it (StaleWeightsError) and the learner rejects rollouts of an old version.
 """
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -35,19 +34,16 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from nanochat_ray.common import init_ray
+from nanochat_ray.common import dashboard_gauges, init_ray
 from nanochat_ray.config import Config, ConfigError
 from nanochat_ray.data.registry import mirror_root
 from nanochat_ray.rl.actors import LearnerActor, RolloutActor, RolloutResult
 from nanochat_ray.rl.policy import default_questions_per_call, pass_at_k
 from nanochat_ray.rl.tasks import load_reward_task
-from nanochat_ray.train.chat import previous_checkpoint
-from nanochat_ray.train.worker import METRICS_LOG, check_stage, make_logger
+from nanochat_ray.stage import RL_GAUGES, MetricRecorder, RunOptions, check_stage, previous_checkpoint
 
 EVAL_SEED_OFFSET = 1_000_000_007  # eval samples are seeded apart from training samples
 EVAL_QUESTIONS_PER_CALL = 16  # bounds an eval call's KV cache (16 questions × eval_samples rows)
-DASHBOARD_METRICS = ("mean_reward", "rollout_tokens_per_second", "learner_seconds", "rollout_idle_fraction",
-                     "mean_sequence_length", "pass_at_1", "step")
 
 
 @dataclass(frozen=True)
@@ -65,25 +61,6 @@ class RLOptions:
     placement: str = "separate"  # separate: learner and rollout actors one GPU each; colocated: half each
     cpus_per_actor: float = 1.0
     call_timeout_s: float = 3600.0  # the longest any one actor call may take (a pass@k eval is the longest)
-
-
-# Small presets sample little and evaluate few questions, so the plumbing runs in seconds (smoke)
-# or minutes (cpu); the GPU presets take SPEC §10 as it is. Any flag overrides.
-RL_PRESETS = {
-    "smoke": dict(questions_per_step=2, samples_per_question=4, max_new_tokens=16, eval_questions=4),
-    "cpu": dict(questions_per_step=4, samples_per_question=4, max_new_tokens=64, eval_questions=16),
-}
-RL_CONFIG = {  # Config fields of the RL stage, per preset (SPEC §10: 5% of base LRs, linear decay)
-    "smoke": dict(num_iterations=8, eval_every=4, save_every=4),
-    "cpu": dict(num_iterations=10, eval_every=5, save_every=5),
-}
-RL_CONFIG_DEFAULT = dict(num_iterations=-1, eval_every=60, save_every=60)  # -1: one epoch of GSM8K train
-
-
-def rl_config_defaults(preset: str) -> dict:
-    # no gradient clipping and constant Muon momentum, as the reference's RL
-    return dict(init_lr_frac=0.05, warmdown_ratio=1.0, final_lr_frac=0.0, grad_clip=0.0, muon_momentum_warmup=0,
-                **RL_CONFIG.get(preset, RL_CONFIG_DEFAULT))
 
 
 def check_options(options: RLOptions) -> None:
@@ -172,22 +149,21 @@ def question_order(num_examples: int, seed: int, step: int, per_step: int) -> li
     return [int(orders[e][i]) for e, i in positions]
 
 
-def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root: str | None = None,
-             use_gpu: bool = False, cpus_per_worker: float = 1.0, resume: bool = False, fresh: bool = False,
-             max_failures: int = 2, artifact_root: Path | None = None, fail_at_step: int | None = None,
-             fail_in: str = "rollout") -> dict:
+def rl_train(cfg: Config, options: RLOptions, run: RunOptions, fail_in: str = "rollout") -> dict:
     """Train stage `rl` from the latest `sft` checkpoint; returns the last metrics and checkpoint path.
 
     When an actor dies (a lost node, an out-of-memory kill), the learner or a rollout actor raises,
     or a call outlives options.call_timeout_s, every actor is restarted and the run resumes from
-    the last rl checkpoint, up to max_failures times (FailureConfig's behaviour for the
-    TorchTrainer stages). fail_at_step (tests) fails once at that step: fail_in "rollout" kills a
-    rollout actor after it, "learner" makes the learner's update raise.
+    the last rl checkpoint, up to run.max_failures times (FailureConfig's behaviour for the
+    TorchTrainer stages). run.fail_at_step (tests) fails once at that step: fail_in "rollout" kills
+    a rollout actor after it, "learner" makes the learner's update raise. The learner is one actor
+    (run.num_workers must be 1) with run.cpus_per_worker CPUs.
     """
     check_options(options)
-    stage_dir = check_stage(cfg, "rl", tokenizer_dir, 1, resume, fresh, artifact_root)
-    start_from = previous_checkpoint("sft", cfg, artifact_root)
-    mirror = mirror_root(data_root)  # resolved here: actors see neither relative paths nor our environment
+    stage_dir = check_stage(cfg, "rl", run)
+    start_from = previous_checkpoint("rl", cfg, run.artifact_root)
+    use_gpu, cpus_per_worker, max_failures = run.use_gpu, run.cpus_per_worker, run.max_failures
+    mirror = mirror_root(run.data_root)  # resolved here: actors see neither relative paths nor our environment
     mirror = str(mirror) if mirror else None
     train_task = load_reward_task(options.task, "train", mirror)  # missing data fails here, before Ray
     eval_questions = min(options.eval_questions, len(load_reward_task(options.task, "test", mirror)))
@@ -203,20 +179,20 @@ def rl_train(cfg: Config, options: RLOptions, *, tokenizer_dir: Path, data_root:
     history: list[dict] = []  # every attempt's steps (a step redone after a failure appears twice)
     for attempt in range(max_failures + 1):
         launched = time.perf_counter()
-        fail = fail_at_step if attempt == 0 else None
+        fail = run.fail_at_step if attempt == 0 else None
         learner = LearnerActor.options(num_cpus=cpus_per_worker, **gpus).remote(
-            cfg, str(stage_dir), str(start_from), resume or attempt > 0, {"rl": asdict(options)},
+            cfg, str(stage_dir), str(start_from), run.resume or attempt > 0, {"rl": asdict(options)},
             fail_at_step=fail if fail_in == "learner" else None)
-        actors = [RolloutActor.options(num_cpus=options.cpus_per_actor, **gpus).remote(cfg, str(tokenizer_dir), mirror)
+        actors = [RolloutActor.options(num_cpus=options.cpus_per_actor, **gpus).remote(cfg, str(run.tokenizer_dir), mirror)
                   for _ in range(options.num_rollout_actors)]
         try:
             started = wait_for(learner.describe.remote(), options.call_timeout_s, "starting the learner")
             print(f"rl: {options.task}, {Q} questions x {S} samples per step, steps {started['step']}.."
                   f"{num_iterations}, {len(actors)} rollout actor(s), starting from {started['started_from']} "
                   f"(actors up in {time.perf_counter() - launched:.1f}s)", flush=True)
-            run = RLRun(cfg, options, stage_dir, learner, Rollouts(actors, options), num_iterations, len(train_task),
-                        eval_questions, per_call, history)
-            return run.train(started["step"], fail if fail_in == "rollout" else None)
+            steps = RLRun(cfg, options, stage_dir, learner, Rollouts(actors, options), num_iterations, len(train_task),
+                          eval_questions, per_call, history)
+            return steps.train(started["step"], fail if fail_in == "rollout" else None)
         except RESTARTABLE as e:
             if attempt == max_failures:
                 raise
@@ -262,7 +238,7 @@ class RLRun:
         self.learner, self.rollouts = learner, rollouts
         self.num_iterations, self.num_train = num_iterations, num_train
         self.eval_questions, self.per_call = eval_questions, per_call
-        self.logger, self.gauges = make_logger(cfg, "rl", 0), dashboard_gauges()
+        self.recorder = MetricRecorder(cfg, "rl", stage_dir, dashboard_gauges("rl", RL_GAUGES))
         self.history = history
         self.timeout = options.call_timeout_s
 
@@ -272,12 +248,7 @@ class RLRun:
 
     def record(self, metrics: dict) -> None:
         self.history.append(metrics)
-        self.logger.log(metrics, step=metrics["step"])
-        with open(self.stage_dir / METRICS_LOG, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for name, gauge in self.gauges.items():
-            if name in metrics:
-                gauge.set(metrics[name], tags={"model": self.cfg.model_tag})
+        self.recorder.record(metrics)
 
     def step(self, step: int) -> dict:
         """One on-policy step: rollouts of the published weights stream into the learner, which updates."""
@@ -339,11 +310,3 @@ class RLRun:
         if saving is not None:
             checkpoint = wait_for(saving, self.timeout, "saving the last checkpoint")
         return {"metrics": self.history[-1] if self.history else {}, "checkpoint": checkpoint, "history": self.history}
-
-
-def dashboard_gauges() -> dict:
-    """RL metrics on the Ray dashboard (Prometheus names: letters, digits, underscores)."""
-    from ray.util.metrics import Gauge
-
-    return {name: Gauge(f"nanochat_rl_{name}", description=f"rl {name}", tag_keys=("model",))
-            for name in DASHBOARD_METRICS}
