@@ -57,7 +57,9 @@ class RunOptions:
     artifact_root: Path | None = None  # default: base_dir()
     fail_at_step: int | None = None  # tests: a worker fails after this step, once
     data_actors: int = 1  # Ray Data actors that tokenize (pretraining) or render (mid, sft) the rows
-    data_actor_cpus: float = 0.5  # CPUs each reserves (the jobs: 1 with GPUs, 0 on CPU-only runs)
+    # CPUs each data actor reserves: 0 on CPU-only runs, where the actors share the workers' cores instead
+    # of starving them (the jobs' --data-actor-cpus defaults to 1 with GPUs)
+    data_actor_cpus: float = 0.0
     placement_strategy: str = "PACK"  # how the workers are placed over nodes (one of PLACEMENT_STRATEGIES)
 
 

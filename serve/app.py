@@ -75,6 +75,7 @@ class AppArgs(BaseModel):
     request_timeout_s: float = Field(600, gt=0)  # a chat request's whole life, queue included; then 504
     stuck_after_s: float = Field(120, gt=0)  # one decode step running longer: the replica is unhealthy
     stream_interval_s: float = Field(0.05, ge=0, le=1)  # a stream's tokens this close together go out as one message
+    dtype: Literal["auto", "float32", "bfloat16"] | None = None  # default: the dtype the checkpoint's run trained in
 
 
 # -----------------------------------------------------------------------------
@@ -114,7 +115,9 @@ class ChatModel:
         self.tokenizer = Tokenizer.from_directory(args.tokenizer_dir or default_tokenizer_dir(root))
         self.name = f"nanochat-{args.stage}-{tag}-step{meta['step']}"
         self.context = model.config.sequence_len
-        dtype = compute_dtype("auto", self.device)
+        # as the checkpoint's run computed (a smoke model in fp32, the cpu preset in bf16 where the CPU
+        # has it): what the model was evaluated with is what it serves
+        dtype = compute_dtype(args.dtype or meta.get("config", {}).get("dtype", "auto"), self.device)
         self.model = model
         self.created = int((checkpoint_dir(args.stage, tag, root) / step_name(meta["step"]) / "meta.json").stat().st_mtime)
         self.batcher = Batcher(model, self.tokenizer, args.max_batch, args.max_queue,

@@ -34,7 +34,7 @@ def trained(ray_cluster, data_root, smoke_tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     shards = sorted((data_root / "pretrain_text").glob("shard_*.parquet"))
     pretrain(make_config("smoke"), RunOptions(tokenizer_dir=smoke_tokenizer_dir, artifact_root=root),
-             train_shards=shards[:1], val_shard=shards[-1], data_actor_cpus=0.0)
+             train_shards=shards[:1], val_shard=shards[-1])
     for stage, overrides in (("mid", {}), ("sft", dict(init_lr_frac=0.02, warmdown_ratio=1.0))):
         chat_train(stage, make_config("smoke", **overrides), RunOptions(
             tokenizer_dir=smoke_tokenizer_dir, data_root=str(data_root), artifact_root=root, num_workers=2))

@@ -76,7 +76,7 @@ def test_training_and_eval_metrics_reach_prometheus(ray_cluster, data_root, smok
     shards = sorted((data_root / "pretrain_text").glob("shard_*.parquet"))
     cfg = make_config("smoke", save_every=-1)
     pretrain(cfg, RunOptions(tokenizer_dir=smoke_tokenizer_dir, artifact_root=tmp_path), train_shards=shards[:1],
-             val_shard=shards[-1], data_actor_cpus=0.0)
+             val_shard=shards[-1])
     logged = [json.loads(line) for line in (checkpoint_dir("base", "d2", tmp_path) / METRICS_LOG).read_text().splitlines()]
 
     def from_this_run(name: str):  # a value this run logged (other d2 runs of the session may show too)

@@ -34,7 +34,7 @@ def run(ray_cluster, shards, smoke_tokenizer_dir, tmp_path_factory, data_root):
         root = tmp_path_factory.mktemp(name) if "artifact_root" not in options else options.pop("artifact_root")
         cfg = make_config("smoke", **options.pop("config", {}))
         pretrain(cfg, RunOptions(tokenizer_dir=smoke_tokenizer_dir, artifact_root=root, **options), train_shards=shards[0],
-                 val_shard=shards[1], data_actor_cpus=0.0, core_bundle=data_root / "core_eval_bundle")
+                 val_shard=shards[1], core_bundle=data_root / "core_eval_bundle")
         return root
     return run
 
