@@ -54,7 +54,7 @@ def _save_model(root: Path, tokenizer_dir: Path) -> None:
         for name in ("<|assistant_end|>", "<|bos|>"):
             model.lm_head.weight[tokenizer.encode_special(name)] = 0
     save_checkpoint(checkpoint_dir("sft", cfg.model_tag, root), 1, model.state_dict(), None,
-                    {"model_config": dataclasses.asdict(gpt_config)})
+                    {"model_config": dataclasses.asdict(gpt_config), "config": cfg.to_dict()})  # as training writes
 
 
 @pytest.fixture(scope="module")
@@ -603,7 +603,9 @@ def test_web_page_streams_a_multi_turn_chat_in_a_real_browser(server):
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
-        browser.get(server["url"] + "/")
+        # the key goes into the origin's storage from a page that calls no API: the chat page's first
+        # request would otherwise meet the 401 and its key prompt before the key is set
+        browser.get(server["url"] + "/health")
         browser.execute_script(f"localStorage.setItem('nanochat_api_key', '{API_KEY}')")
         browser.get(server["url"] + "/")
         wait = WebDriverWait(browser, 30, poll_frequency=0.05)
