@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from nanochat_ray.checkpoint import PREVIOUS, TRAIN_JOBS, checkpoint_dir, latest_step, step_name
 from nanochat_ray.common import add_verbose_flag, base_dir, eval_results_path, format_seconds, init_ray, read_json, write_atomic
-from nanochat_ray.config import Config, ConfigError, add_config_args, config_from_args, default_preset, make_config
+from nanochat_ray.config import (EVAL_SIZES, Config, ConfigError, add_config_args, config_from_args, default_preset,
+                                 make_config)
 from nanochat_ray.gpus import GPU_KINDS, GPUKind, gpu_kind, kind_of_device
 from nanochat_ray.plan import format_plan, make_plan, refusal
 from nanochat_ray.report import RECORDS_DIR, write_report
@@ -62,16 +63,6 @@ STAGES = (Stage("tokenizer", "tokenizer"), *(
 BY_NAME = {stage.name: stage for stage in STAGES}
 RL_STAGES = ("rl", "rl_eval")
 MAX_CPU_ACTORS = 8  # each evaluation actor holds a copy of the model
-
-# What the speedrun adds to each stage's command line, per preset (a --stage-args flag overrides it).
-# cpu: the whole run in ≤ 15 minutes on 2 cores (README "Speedrun" has the timings); the reference's
-# CPU recipe caps evaluations at 12-20 problems per task (SPEC §14).
-STAGE_DEFAULTS: dict[str, dict[str, str]] = {
-    "smoke": {"base_eval": "--max-per-task 2", "mid_eval": "--max-per-task 2 --max-new-tokens 16",
-              "sft_eval": "--max-per-task 2 --max-new-tokens 16", "rl_eval": "--max-per-task 2 --max-new-tokens 16"},
-    "cpu": {"base_eval": "--max-per-task 8", "mid_eval": "--max-per-task 12 --max-new-tokens 128",
-            "sft_eval": "--max-per-task 12 --max-new-tokens 128", "rl_eval": "--max-per-task 12 --max-new-tokens 128"},
-}
 
 
 # -----------------------------------------------------------------------------
@@ -154,7 +145,10 @@ def stage_argv(stage: Stage, args: argparse.Namespace) -> list[str]:
         argv += gpu
     if stage.evaluates:
         argv += ["--stage", stage.evaluates]
-    return argv + shlex.split(STAGE_DEFAULTS.get(args.preset, {}).get(stage.name, "")) + args.extra.get(stage.name, [])
+    if stage.job in ("base_eval", "chat_eval"):  # the preset's evaluation sizes (a --stage-args flag overrides them)
+        sizes = EVAL_SIZES.get(args.preset, {}).get("base" if stage.job == "base_eval" else "chat", {})
+        argv += [item for name, value in sizes.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+    return argv + args.extra.get(stage.name, [])
 
 
 def resource_flags(stage: Stage, args: argparse.Namespace, cluster_cpus: int, beside: bool) -> list[str]:

@@ -174,6 +174,15 @@ RL_OPTIONS = {
     "cpu": dict(questions_per_step=4, samples_per_question=4, max_new_tokens=64, eval_questions=16),
 }
 
+# How much of each evaluation the speedrun runs on the small presets (base: base_eval's flags; chat:
+# chat_eval's): cpu keeps the whole run short on 2 cores, as the reference's CPU recipe caps its
+# evaluations at 12-20 problems per task (SPEC §14); smoke only checks the plumbing. Other presets
+# evaluate everything, as the reference.
+EVAL_SIZES = {
+    "smoke": {"base": dict(max_per_task=2), "chat": dict(max_per_task=2, max_new_tokens=16)},
+    "cpu": {"base": dict(max_per_task=8), "chat": dict(max_per_task=12, max_new_tokens=128)},
+}
+
 
 def stage_defaults(stage: str, preset: str) -> dict:
     """The Config fields `stage` (base | mid | sft | rl) sets over `preset`'s.
