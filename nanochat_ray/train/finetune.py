@@ -26,7 +26,7 @@ import torch
 
 from nanochat_ray.common import autocast, compute_dtype, init_ray
 from nanochat_ray.config import Config, ConfigError, config_from_args
-from nanochat_ray.data.pipeline import ChatFeeder, feeder_batches, pack_rows
+from nanochat_ray.data.pipeline import ChatFeeder, feeder_batches, get_within, pack_rows
 from nanochat_ray.data.registry import DataUnavailableError, mirror_root
 from nanochat_ray.evals.bpb import evaluate_bpb
 from nanochat_ray.evals.chatcore import evaluate_categorical, load_eval_task
@@ -153,6 +153,9 @@ class ChatData:
                 metrics[name] = (counts[0] / counts[1]).item()
             return metrics
         return [(cfg.eval_every, evaluate)]
+
+    def first_rows_time(self) -> float | None:
+        return get_within(self.feeder.first_rows_time.remote(), "its first rows' time")
 
     def sample_prompts(self, tokenizer: Tokenizer) -> list[list[int]]:
         return [tokenizer.render_for_completion({"messages": [{"role": "user", "content": q},

@@ -70,6 +70,9 @@ class DataSource(Protocol):
     def sample_prompts(self, tokenizer: Tokenizer) -> list[list[int]]:
         """Token ids of the fixed prompts whose greedy continuations are printed."""
 
+    def first_rows_time(self) -> float | None:
+        """time.time() at which the first step's rows were ready (the start-up breakdown), if known."""
+
 
 @dataclass
 class TrainSpec:
@@ -185,7 +188,7 @@ def train_worker(spec: TrainSpec) -> None:
 
     def report(metrics: dict, state: TrainState, save: bool) -> None:
         if state.step == first_step and rank == 0:
-            rows_at = spec.data.first_rows_time() if hasattr(spec.data, "first_rows_time") else None
+            rows_at = spec.data.first_rows_time()
             print0(startup.format_breakdown(marks | {"step1": time.time()} | ({"rows": rows_at} if rows_at else {})))
         if recorder is not None:
             recorder.record(metrics)
