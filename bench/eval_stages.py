@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import pyarrow.parquet as pq
 import torch
 
+from nanochat_ray.common import cpu_description
 from nanochat_ray.config import make_config
 from nanochat_ray.data.download import shard_paths, train_and_val_shards
 from nanochat_ray.data.registry import resolve
@@ -66,7 +67,7 @@ def main() -> None:
         **{kind: (lambda names=names: [evaluator.chat(name, list(range(args.chat_per_task)), max_tokens=128)
                                        for name in names]) for kind, names in chat.items()},
     }
-    print(f"cpu preset, depth {cfg.depth} (UNTRAINED), 1 thread; CPU {cpu_model()}; load average "
+    print(f"cpu preset, depth {cfg.depth} (UNTRAINED), 1 thread; CPU {cpu_description()}; load average "
           f"{os.getloadavg()[0]:.1f}")
     print(f"{'part':<12}{'wall':>9}{'CPU':>9}  what")
     what = {"valrows": "tokenize the train and val shards' first eval_tokens (base_eval; bpb below includes it)",
@@ -79,13 +80,6 @@ def main() -> None:
         wall, cpu = time.perf_counter(), cpu_seconds()
         work[part]()
         print(f"{part:<12}{time.perf_counter() - wall:>8.1f}s{cpu_seconds() - cpu:>8.1f}s  {what[part]}", flush=True)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -38,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the serve package at the checkout root
 
 from nanochat_ray.checkpoint import checkpoint_dir, save_checkpoint
-from nanochat_ray.common import base_dir
+from nanochat_ray.common import base_dir, cpu_description
 from nanochat_ray.config import make_config
 from nanochat_ray.engine import DecodeBatch
 from nanochat_ray.gpt import GPT, build_gpt
@@ -99,14 +98,6 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) 
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def engine_tokens_per_second(model: GPT, tokenizer: Tokenizer, rows: int, max_tokens: int, repeats: int = 3) -> float:
@@ -208,7 +199,7 @@ def start_server(args: argparse.Namespace, root: Path) -> tuple[dict[str, str], 
 
 
 def measure(urls: dict[str, str], args: argparse.Namespace, model: GPT | None, tokenizer: Tokenizer | None) -> None:
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}, {args.replica_cpus} threads in the engine and each "
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}, {args.replica_cpus} threads in the engine and each "
           f"replica; {args.max_tokens} tokens per answer", flush=True)
     for url in urls.values():
         asyncio.run(run_level(url, 2, 4, 8))  # warm-up: first forward, connections

@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from nanochat_ray.common import cpu_description
+
 GOAL_SECONDS = 15.0
 PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
               "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "metrics-export-port",
@@ -170,10 +172,7 @@ def main() -> None:
         if baseline:
             print(f"\nbaseline ({args.baseline_dir}): median {statistics.median(baseline):.1f} s; this checkout: "
                   f"median {statistics.median(firsts):.1f} s; ratio {statistics.median(baseline) / statistics.median(firsts):.2f}x")
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                   "unknown CPU")
-        print(f"\nsubmit -> first step, cpu preset, {len(firsts)} runs on one warm head ({cpu}, "
-              f"{os.cpu_count()} cores): median {statistics.median(firsts):.1f} s, min {min(firsts):.1f}, "
+        print(f"\nsubmit -> first step, cpu preset, {len(firsts)} runs on one warm head ({cpu_description()}): median {statistics.median(firsts):.1f} s, min {min(firsts):.1f}, "
               f"max {max(firsts):.1f} (goal <= {GOAL_SECONDS:.0f} s)")
         with_phases = [r["breakdown"]["phases"] for r in results if r["breakdown"]]
         if with_phases:
