@@ -154,6 +154,10 @@ def test_leftover_descendants_are_killed():
         start = time.monotonic()
         stdout, _, _, timed_out = sandbox._collect_output(process, timeout=20.0)
         assert stdout == b"started\n" and not timed_out and time.monotonic() - start < 5.0
+        # SIGKILL is delivered asynchronously: give the kernel a moment to take the group down
+        deadline = time.monotonic() + 2.0
+        while processes_in_group(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert processes_in_group(process.pid) == []
 
 
