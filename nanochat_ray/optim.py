@@ -29,6 +29,7 @@ be resumed with the same world size.
 
 import torch
 import torch.distributed as dist
+from torch.optim.adamw import adamw
 
 from nanochat_ray.common import rank_world
 from nanochat_ray.gpt import GPT
@@ -74,7 +75,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """(row slice, owner) for each piece of parameter number `index`."""
         raise NotImplementedError
 
-    def _update(self, p: torch.Tensor, piece: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+    def _update(self, p: torch.Tensor, piece: torch.Tensor, grad: torch.Tensor, group: dict,
+                grad_scale: float | torch.Tensor) -> None:
+        """Update `piece` (rows of p) from its averaged gradient times grad_scale."""
         raise NotImplementedError
 
     def _plan(self) -> list[tuple[torch.Tensor, slice, int, dict]]:
@@ -104,7 +107,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 if work is not None:
                     work.wait()
                     p.grad[rows] /= world
-                total += p.grad[rows].float().square().sum()
+                # one pass, no squared copy: this runs over every AdamW row (2 × vocab × width)
+                total += torch.linalg.vector_norm(p.grad[rows], dtype=torch.float32).square()
         return total
 
     @torch.no_grad()
@@ -114,7 +118,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         works = []
         for p, rows, owner, group, _ in self._pending:
             if owner == rank:
-                self._update(p, p[rows], p.grad[rows] * grad_scale, group)
+                self._update(p, p[rows], p.grad[rows], group, grad_scale)
             if world > 1:
                 works.append(dist.broadcast(p[rows], src=owner, async_op=True))
         for work in works:
@@ -163,7 +167,9 @@ class DistMuon(ShardedOptimizer):
     def _pieces(self, p, index, world):
         return [(slice(None), index % world)]
 
-    def _update(self, p: torch.Tensor, piece: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+    def _update(self, p: torch.Tensor, piece: torch.Tensor, grad: torch.Tensor, group: dict,
+                grad_scale: float | torch.Tensor) -> None:
+        grad = grad * grad_scale
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(grad)
@@ -206,22 +212,25 @@ class DistAdamW(ShardedOptimizer):
     def _pieces(self, p, index, world):
         return [(slice(lo, hi), r) for r, (lo, hi) in enumerate(_row_shards(p.size(0), world)) if hi > lo]
 
-    def _update(self, p: torch.Tensor, piece: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+    def _update(self, p: torch.Tensor, piece: torch.Tensor, grad: torch.Tensor, group: dict,
+                grad_scale: float | torch.Tensor) -> None:
         state = self.state[p]
         if not state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg_sq"] = torch.zeros_like(grad)
-        state["step"] += 1
+        # the fused update wants the step count as an fp32 tensor on the parameter's device (a
+        # no-op once it is one; a loaded checkpoint may hold an int or a tensor on the CPU)
+        state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=grad.device)
         beta1, beta2 = group["betas"]
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].lerp_(grad.square(), 1 - beta2)
-        bias1 = 1 - beta1 ** state["step"]
-        bias2 = 1 - beta2 ** state["step"]
-        denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-        if group["weight_decay"]:  # a pass over the parameter saved when it is 0 (the default)
-            piece.mul_(1 - group["lr"] * group["weight_decay"])
-        piece.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+        # torch's fused AdamW: the same update (decoupled decay, bias-corrected moments, eps added
+        # to the corrected root) in one pass over the rows instead of ~8 (12× faster on a 2-core
+        # CPU over the 2 × 65,536 × 256 rows of a d4 model). It divides the gradient by grad_scale.
+        unscale = None if isinstance(grad_scale, float) and grad_scale == 1.0 else \
+            (1 / torch.as_tensor(grad_scale, dtype=torch.float32, device=grad.device))
+        adamw([piece], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]], fused=True,
+              grad_scale=unscale, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 # -----------------------------------------------------------------------------

@@ -440,7 +440,7 @@ def measure_cpu_step(cfg: Config, steps: int = 2) -> dict:
     import numpy as np
     import torch
 
-    from nanochat_ray.gpt import build_gpt
+    from nanochat_ray.gpt import build_gpt, release_scratch
     from nanochat_ray.optim import build_optimizers
     from nanochat_ray.train.loop import TrainState, run
 
@@ -452,6 +452,7 @@ def measure_cpu_step(cfg: Config, steps: int = 2) -> dict:
     state = TrainState()
     result = {}
     for step in range(steps):
+        release_scratch()  # the plan counts the head's buffers as a step's temporaries, as on a GPU
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
         start = _status_kib("VmRSS") * 1024
