@@ -118,6 +118,10 @@ class LocalCommandRunner(CommandRunnerInterface):
             count = stop_processes(self.home)
             print(f"{self.log_prefix}`{cmd.strip()}`: stopped the {count} processes of node {self.home.name}")
             return b""
+        if cmd and re.search(r"\bray\s+stop\b", cmd):
+            raise ValueError(f"{self.log_prefix}refusing {cmd!r}: `ray stop` inside a longer command would stop "
+                             f"every Ray on this machine; give it a line of its own in the yaml (then it stops "
+                             f"this node only)")
         command = _with_environment_variables(cmd or "true", environment_variables or {})
         argv = ["bash", "-c", command]  # not a login shell: the real home's profile is not this node's
         if with_output:
@@ -370,9 +374,10 @@ def main() -> int:
     print(f"CPU: {cpu_description()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"cluster: {args.config}, node types {', '.join(config['available_node_types'])}; root {root}")
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "RAY_UP_enable_autoscaler_v2": "1"}
     scratch = Path(tempfile.mkdtemp(prefix="nanochat-local-cluster-"))  # artifacts and the launcher's logs
+    # TMPDIR: the launcher's config cache and bootstrap files go where the run's end removes them
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "RAY_UP_enable_autoscaler_v2": "1", "TMPDIR": str(scratch)}
     failures: list[str] = []
     try:
         run_job(args, config, gcs, dashboard, env, scratch, failures)

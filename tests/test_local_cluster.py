@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.autoscaler.tags import NODE_KIND_WORKER, TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
@@ -68,6 +69,8 @@ def test_ray_stop_on_a_node_stops_that_node_only(tmp_path, monkeypatch):
         assert len(local_cluster.marked_processes(nodes / a)) == 1
         assert len(local_cluster.marked_processes(nodes)) == 2  # the root: every node
 
+        with pytest.raises(ValueError, match="ray stop` inside a longer command"):
+            runner_b.run("ulimit -n 65536; ray stop")  # cannot be split safely: refused
         runner_a.run("ray stop")  # what `ray down` sends to the head
         assert not (tmp_path / "ray-ran").exists(), "`ray stop` reached the machine"
         assert local_cluster.marked_processes(nodes / a) == []
