@@ -9,7 +9,7 @@ the autoscaler adding worker nodes for it and removing them when idle, then `ray
 It prints the nodes after `ray up` (the head, no CPU), every change the autoscaler makes while the
 job runs, the job's status and wall time, the scale-down, and after `ray down` the processes of the
 cluster still alive on the machine (none). It exits non-zero when the job fails, no worker node was
-added, or a process outlives `ray down`.
+added, the idle nodes stay past --scale-down-wait, or a process outlives `ray down`.
 
 This module is also the cluster's node provider (`provider: type: external` in cluster-local.yaml,
 imported by `ray up`, `ray down` and the autoscaler on the head, hence PYTHONPATH=<checkout>). Ray's
