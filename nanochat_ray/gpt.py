@@ -352,6 +352,13 @@ def release_scratch() -> None:
     _scratch.__dict__.pop("buffers", None)
 
 
+def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The lm_head in the compute dtype, copied into a scratch buffer when that is another dtype."""
+    if weight.dtype == dtype:
+        return weight
+    return _buffer("weight_cast", *weight.shape, dtype, weight.device).copy_(weight)
+
+
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """head_logits(h, weight) written into a scratch buffer: (rows, V) soft-capped fp32 logits."""
     rows, cols = h.size(0), weight.size(0)
@@ -407,7 +414,7 @@ def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if with_grads else hidden.new_empty(0)
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else weight.new_empty(0)
-    weight = weight.to(hidden.dtype)  # the compute dtype (autocast's); the gradient stays fp32
+    weight = _in_dtype(weight, hidden.dtype)  # the compute dtype (autocast's); the gradient stays fp32
     for i in range(0, n, chunk_rows):
         rows = slice(i, i + chunk_rows)
         h, t = hidden[rows], targets[rows]
@@ -426,7 +433,7 @@ def _head_loss_backward(grad_losses: torch.Tensor, hidden: torch.Tensor, weight:
     buffer at a time."""
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in fp32
-    weight_dtype, weight = weight.dtype, weight.to(hidden.dtype)
+    weight_dtype, weight = weight.dtype, _in_dtype(weight, hidden.dtype)
     for i in range(0, hidden.size(0), chunk_rows):
         rows = slice(i, i + chunk_rows)
         h, t = hidden[rows], targets[rows]
