@@ -223,3 +223,39 @@ def test_eager_head_loss_saves_no_logits_and_the_model_uses_it():
         # the logits path (engine, evals) soft-caps the same way
         torch.testing.assert_close(model(idx), gpt.SOFTCAP * torch.tanh(model.lm_head(model.hidden_states(idx)) / gpt.SOFTCAP),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_head_scratch_buffers_change_no_result():
+    """The head keeps its (rows, vocab) scratch buffers between calls on CPU: calls of other row
+    counts, vocabularies and dtypes in between, or on another thread at the same time, change
+    nothing, bit for bit."""
+    import threading
+
+    specs = [(37, 50), (64, 50), (9, 80), (37, 50, torch.bfloat16), (20, 50, torch.float32, "none")]
+    cases = [(head_case(rows=rows, vocab=vocab), *rest) for rows, vocab, *rest in specs]  # (global RNG: not in threads)
+
+    def loss_and_grads(tensors, dtype=torch.float32, reduction="mean"):
+        hidden, weight, targets = tensors
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = gpt.head_loss(hidden, weight, targets, reduction, chunk_rows=16)
+        return loss.detach(), *torch.autograd.grad(loss.sum(), (hidden, weight))
+
+    fresh = []
+    for case in cases:
+        gpt.release_scratch()
+        fresh.append(loss_and_grads(*case))
+    reused = [loss_and_grads(*case) for case in cases + cases[::-1]]
+    for got, want in zip(reused, fresh + fresh[::-1]):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # two threads at once: each has buffers of its own
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, [loss_and_grads(*cases[i])
+                                                                          for _ in range(20)]))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, runs in results.items():
+        for run in runs:
+            assert all(torch.equal(a, b) for a, b in zip(run, fresh[i]))
