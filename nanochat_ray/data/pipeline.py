@@ -35,6 +35,7 @@ and rank 0's reset() puts the feeder at that checkpoint's data position.
 """
 
 import dataclasses
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ CONVERSATIONS_PER_ITEM = 256  # one Ray Data item: enough work per call, and the
 ITEMS_PER_STREAM = 1024  # whole epochs of a small mixture run in one stream: its actors start once
 DOCS_PER_ITEM = 128  # pretraining documents per stream item: the first rows wait for this many, not a row group
 FEEDER_TIMEOUT_S = 600.0  # a call to the feeder that takes longer is an error, not a silent hang
+BACKGROUND_NICENESS = 10  # OS priority of data actors that share the trainers' cores (nice 10: ~1/10 of a core when contended)
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,22 @@ def row_groups(shards: list[Path]) -> list[tuple[str, int, int]]:
     return items
 
 
-class TokenizeAndPack:
+class DataActor:
+    """A Ray Data actor of the pipelines. With no CPUs reserved for it (CPU-only runs) it shares the
+    training workers' cores, so it works at a lower OS priority: the pipeline runs ahead on the
+    cores the training leaves idle instead of taking them from the training processes (at start-up:
+    from the Ray Train worker's imports, model build and first step)."""
+
+    def __init__(self, background: bool):
+        if background:
+            os.nice(BACKGROUND_NICENESS)
+
+
+class TokenizeAndPack(DataActor):
     """Ray Data actor: read an item's documents, tokenize them with <|bos|> each, pack rows."""
 
-    def __init__(self, tokenizer_dir: str, seq_len: int):
+    def __init__(self, tokenizer_dir: str, seq_len: int, background: bool = False):
+        super().__init__(background)
         self.tokenizer = Tokenizer.from_directory(tokenizer_dir)  # once per actor, not per batch
         self.row_len = seq_len + 1  # inputs and targets are shifted views of one row
 
@@ -115,12 +129,13 @@ class TokenizeAndPack:
 
 def ordered_map(items: list[dict], actor: type, actor_kwargs: dict, num_actors: int,
                 actor_cpus: float) -> "ray.data.Dataset":
-    """Ray Data stream of `actor`'s output for each item (one per call, on a pool of actors), in item order."""
+    """Ray Data stream of `actor`'s output for each item (one per call, on a pool of actors), in item
+    order. Actors given no CPUs work in the background (DataActor)."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # order is part of the data position
     ctx.enable_progress_bars = False  # the trainer logs its own progress
     return ray.data.from_items(items).map_batches(
-        actor, fn_constructor_kwargs=actor_kwargs, batch_size=1,
+        actor, fn_constructor_kwargs=actor_kwargs | {"background": actor_cpus == 0}, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=actor_cpus)
 
 
@@ -132,11 +147,13 @@ def packed_rows(items: list[tuple[str, int, int]], tokenizer_dir: str, seq_len: 
                        num_actors, actor_cpus)
 
 
-class RenderConversations:
+class RenderConversations(DataActor):
     """Ray Data actor: render conversations [start, stop) of a mixture as the tokenizer does for chat:
     token ids, or with `masked` (2, n) ids and the assistant mask, cut to max_tokens."""
 
-    def __init__(self, mixture: Callable[[], Task], tokenizer_dir: str, max_tokens: int, masked: bool):
+    def __init__(self, mixture: Callable[[], Task], tokenizer_dir: str, max_tokens: int, masked: bool,
+                 background: bool = False):
+        super().__init__(background)
         self.mixture = mixture()  # once per actor: loading the datasets takes seconds
         self.tokenizer = Tokenizer.from_directory(tokenizer_dir)
         self.max_tokens, self.masked = max_tokens, masked
