@@ -90,10 +90,10 @@ def row_groups(shards: list[Path]) -> list[tuple[str, int, int]]:
 
 
 class DataActor:
-    """A Ray Data actor of the pipelines. With no CPUs reserved for it (CPU-only runs) it shares the
-    training workers' cores, so it works at a lower OS priority: the pipeline runs ahead on the
-    cores the training leaves idle instead of taking them from the training processes (at start-up:
-    from the Ray Train worker's imports, model build and first step)."""
+    """An actor of the pipelines (Ray Data's and the feeders). With no CPUs reserved for it (CPU-only
+    runs) it shares the training workers' cores, so it works at a lower OS priority: the pipeline
+    runs ahead on the cores the training leaves idle instead of taking them from the training
+    processes (at start-up: from the Ray Train worker's imports, model build and first step)."""
 
     def __init__(self, background: bool):
         if background:
@@ -222,7 +222,7 @@ def padded_rows(conversations: list) -> np.ndarray:
 # -----------------------------------------------------------------------------
 
 
-class StepFeeder:
+class StepFeeder(DataActor):
     """Serves each step's rows to the training workers in a fixed order (the Ray actors below).
 
     Step s is split into `world_size` slices of `rows_per_slice` rows; worker r gets slice r.
@@ -233,7 +233,8 @@ class StepFeeder:
     position after it, and how a slice's rows are batched.
     """
 
-    def __init__(self):
+    def __init__(self, background: bool):
+        super().__init__(background)
         self.rows, self.started, self.fill_error = None, None, None
         self.lock = threading.Lock()  # the warm-up thread and get() fill the buffer in turn
         self.first_rows_at: float | None = None  # time.time() when the first step's rows were ready
@@ -312,7 +313,7 @@ class BatchFeeder(StepFeeder):
 
     def __init__(self, shards: list[str], tokenizer_dir: str, seq_len: int, num_actors: int = 1,
                  actor_cpus: float = 0.5):
-        super().__init__()
+        super().__init__(background=actor_cpus == 0)  # the feeder's work is the data actors' kind
         self.items = row_groups([Path(s) for s in shards])
         self.tokenizer_dir, self.seq_len = tokenizer_dir, seq_len
         self.num_actors, self.actor_cpus = num_actors, actor_cpus
@@ -346,7 +347,7 @@ class ChatFeeder(StepFeeder):
                  num_actors: int = 1, actor_cpus: float = 0.5):
         if size < 1:
             raise ValueError("the conversation mixture is empty")
-        super().__init__()
+        super().__init__(background=actor_cpus == 0)
         self.size, self.packed, self.row_len = size, packed, seq_len + 1
         self.num_actors, self.actor_cpus = num_actors, actor_cpus
         # as before streaming: midtraining renders whole conversations (up to 2,048 tokens) and
