@@ -57,6 +57,8 @@ CONVERSATIONS_PER_ITEM = 256  # one Ray Data item: enough work per call, and the
 ITEMS_PER_STREAM = 1024  # whole epochs of a small mixture run in one stream: its actors start once
 DOCS_PER_ITEM = 128  # pretraining documents per stream item: the first rows wait for this many, not a row group
 FEEDER_TIMEOUT_S = 600.0  # a call to the feeder that takes longer is an error, not a silent hang
+RUN_AHEAD_STEPS = 8  # pretraining: optimizer steps of rows Ray Data may hold beyond what the feeder took
+ITEM_BYTES = 1 << 20  # about one item's packed rows (128 documents of ~2,000 tokens, int32)
 BACKGROUND_NICENESS = 10  # OS priority of data actors that share the trainers' cores (nice 10: ~1/10 of a core when contended)
 
 
@@ -128,23 +130,27 @@ class TokenizeAndPack(DataActor):
 
 
 def ordered_map(items: list[dict], actor: type, actor_kwargs: dict, num_actors: int,
-                actor_cpus: float) -> "ray.data.Dataset":
+                actor_cpus: float, run_ahead_bytes: int | None = None) -> "ray.data.Dataset":
     """Ray Data stream of `actor`'s output for each item (one per call, on a pool of actors), in item
-    order. Actors given no CPUs work in the background (DataActor)."""
+    order. Actors given no CPUs work in the background (DataActor). `run_ahead_bytes` caps the
+    object store Ray Data may fill ahead of the consumer (default: Ray Data's own budget, a share of
+    the object store, which lets it tokenize whole shards ahead)."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # order is part of the data position
     ctx.enable_progress_bars = False  # the trainer logs its own progress
+    if run_ahead_bytes is not None:  # (this process's context: one pipeline per feeder actor)
+        ctx.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=run_ahead_bytes)
     return ray.data.from_items(items).map_batches(
         actor, fn_constructor_kwargs=actor_kwargs | {"background": actor_cpus == 0}, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=actor_cpus)
 
 
 def packed_rows(items: list[tuple[str, int, int]], tokenizer_dir: str, seq_len: int, start_item: int,
-                num_actors: int, actor_cpus: float) -> "ray.data.Dataset":
-    """Ray Data stream of packed rows for items[start_item:], in order."""
+                num_actors: int, actor_cpus: float, run_ahead_bytes: int | None = None) -> "ray.data.Dataset":
+    """Ray Data stream of packed rows for items[start_item:], in order (ordered_map's run-ahead cap)."""
     todo = [{"index": i, "shard": s, "row_group": g, "first": f} for i, (s, g, f) in enumerate(items) if i >= start_item]
     return ordered_map(todo, TokenizeAndPack, {"tokenizer_dir": tokenizer_dir, "seq_len": seq_len},
-                       num_actors, actor_cpus)
+                       num_actors, actor_cpus, run_ahead_bytes)
 
 
 class RenderConversations(DataActor):
@@ -320,9 +326,14 @@ class BatchFeeder(StepFeeder):
 
     def _rows(self, position: DataPosition):
         """Packed rows from `position` on, epoch after epoch, each with the position after it."""
+        # Ray Data runs ahead at most RUN_AHEAD_STEPS steps of rows, and at least two items per actor
+        # (each keeps one call in flight): without a cap it tokenizes whole shards ahead, which on a
+        # CPU-only run takes the cores from the training's start-up and steps
+        step_bytes = self.world_size * self.rows_per_slice * (self.seq_len + 1) * 4
+        run_ahead = max(RUN_AHEAD_STEPS * step_bytes, 2 * self.num_actors * ITEM_BYTES)
         while True:
             ds = packed_rows(self.items, self.tokenizer_dir, self.seq_len, position.item,
-                             self.num_actors, self.actor_cpus)
+                             self.num_actors, self.actor_cpus, run_ahead)
             produced = False
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
                 for tokens, item, row in zip(batch["tokens"], batch["item"], batch["row"]):
