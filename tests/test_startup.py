@@ -41,3 +41,17 @@ def test_a_process_knows_when_it_started():
                          cwd=Path(__file__).resolve().parents[1]).stdout
     first_line, started = map(float, out.split())
     assert 0 <= first_line - started < 5
+
+
+def test_the_mfu_probe_starts_after_step_1(monkeypatch):
+    import torch
+
+    from nanochat_ray.train import worker
+
+    probes = []
+    monkeypatch.setattr(worker, "peak_flops", lambda device, dtype: probes.append(dtype) or 1e12)
+    peak = worker.background_peak_flops(torch.device("cpu"), torch.float32)
+    assert probes == []  # nothing measured on the way to step 1
+    assert peak() is None  # step 1: the probe starts now
+    assert peak() == 1e12 and probes == [torch.float32]  # step 2 waits for it
+    assert peak() == 1e12 and len(probes) == 1
