@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -113,9 +114,85 @@ def train_tokenizer(data_root: Path, out: Path) -> None:
     print(f"tokenizer: vocab {cfg.vocab_size:,} trained in {time.perf_counter() - start:.1f} s", flush=True)
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> tuple[str, float] | None:
+    """(process title, CPU seconds so far) of a live process, or None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    return title, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def process_kind(title: str) -> str:
+    """A readable name for a process of the run: Ray's actors retitle themselves `ray::<Actor>.<method>`."""
+    if title.startswith("ray::"):
+        return title[5:].split(".")[0].split(" ")[0] or "ray worker"
+    if " job submit " in title:  # (before the driver: its command line names jobs/pretrain.py too)
+        return "`ray job submit` CLI"
+    if "jobs/pretrain.py" in title:
+        return "driver"
+    if "default_worker.py" in title:
+        return "ray worker (idle)"
+    return "head daemons"
+
+
+class CpuSampler:
+    """CPU seconds of the head's processes (its session: daemons, the job's driver and actors) and of
+    the CLI, sampled every 0.2 s; `snapshot()` sums them by kind, counting only what was used since
+    the sampler started (the daemons' earlier CPU is not this run's)."""
+
+    def __init__(self, session: int, cli: int):
+        self.session, self.cli, self.base, self.last, self.titles = session, cli, {}, {}, {}
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        self.sample()
+        self.base = dict(self.last)
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def sample(self) -> None:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:  # the job's driver runs in a session of its own, started (through a shell) by the job supervisor
+                if pid != self.cli and self.session not in (os.getsid(pid), os.getsid(parent(pid)),
+                                                            os.getsid(parent(parent(pid)))):
+                    continue
+            except (OSError, ValueError):
+                continue
+            found = process_cpu(pid)
+            if found is not None:
+                with self.lock:
+                    self.titles[pid], self.last[pid] = found[0] or self.titles.get(pid, ""), found[1]
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.2):
+            self.sample()
+
+    def snapshot(self) -> dict[str, float]:
+        self.sample()
+        totals: dict[str, float] = {}
+        with self.lock:
+            for pid, seconds in self.last.items():
+                kind = process_kind(self.titles[pid])
+                totals[kind] = totals.get(kind, 0.0) + seconds - self.base.get(pid, 0.0)
+        self.stopped.set()
+        return dict(sorted(((k, v) for k, v in totals.items() if v >= 0.05), key=lambda kv: -kv[1]))
+
+
 def submit(address: str, base: Path, data_root: Path, tokenizer_dir: Path, args: argparse.Namespace,
-           checkout: Path = REPO) -> dict:
-    """One `ray job submit`; returns seconds to step 1 and the job's startup breakdown."""
+           head: subprocess.Popen, checkout: Path = REPO) -> dict:
+    """One `ray job submit`; returns seconds to step 1, the job's startup breakdown and the CPU
+    seconds of every process of the head and the CLI until then."""
     runtime_env = {"env_vars": {"NANOCHAT_BASE_DIR": str(base), "NANOCHAT_DATA": str(data_root),
                                 "RAY_API_SERVER_ADDRESS": address},
                    "excludes": [".git", ".venv", "**/__pycache__"]}
@@ -127,16 +204,45 @@ def submit(address: str, base: Path, data_root: Path, tokenizer_dir: Path, args:
     submitted = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    first_step, breakdown, tail = None, None, []
+    sampler = CpuSampler(head.pid, process.pid)
+    first_step, breakdown, tail, cpu = None, None, [], {}
     for line in process.stdout:
         tail = (tail + [line])[-40:]
         if first_step is None and re.search(r"step 0*1/", line):
             first_step = time.time() - submitted
+            cpu = sampler.snapshot()
         if "startup:" in line and "{" in line:
             breakdown = json.loads(line[line.index("{"):])
+    sampler.stopped.set()
     if process.wait() != 0 or first_step is None:
         raise SystemExit(f"the job failed (exit {process.returncode}):\n{''.join(tail)}")
-    return {"first_step": first_step, "breakdown": breakdown, "submitted": submitted}
+    return {"first_step": first_step, "breakdown": breakdown, "submitted": submitted, "cpu": cpu}
+
+
+def show(label: str, r: dict) -> None:
+    """One run: seconds to step 1, the job's phases, and the CPU seconds by process until step 1."""
+    phases = r["breakdown"] or {}
+    shown = " | ".join(f"{name} {seconds:.1f}" for name, seconds in phases.get("phases", {}).items())
+    driver = f"submit -> driver {phases['marks']['process'] - r['submitted']:.1f} | " if phases else ""
+    cpu = " | ".join(f"{kind} {seconds:.1f}" for kind, seconds in r["cpu"].items())
+    print(f"{label}: submit -> step 1 {r['first_step']:.1f} s"
+          + (f"  [{driver}{shown}; pipeline first rows {phases.get('pipeline first rows', float('nan')):.1f}]"
+             if shown else "  (the job printed no startup breakdown)")
+          + f"; load avg {os.getloadavg()[0]:.1f}\n    CPU s until step 1: {sum(r['cpu'].values()):.1f} = {cpu}",
+          flush=True)
+
+
+def summary(results: list[dict]) -> None:
+    """Median, min and max to step 1; median per phase and median CPU seconds."""
+    firsts = [r["first_step"] for r in results]
+    print(f"  median {statistics.median(firsts):.1f} s, min {min(firsts):.1f}, max {max(firsts):.1f} "
+          f"(goal <= {GOAL_SECONDS:.0f} s); median CPU s until step 1 "
+          f"{statistics.median(sum(r['cpu'].values()) for r in results):.1f}")
+    with_phases = [r["breakdown"]["phases"] for r in results if r["breakdown"]]
+    if with_phases:
+        print("  median per phase (s): " + " | ".join(
+            f"{name} {statistics.median(p.get(name, float('nan')) for p in with_phases):.1f}"
+            for name in with_phases[-1]))
 
 
 def main() -> None:
@@ -154,30 +260,22 @@ def main() -> None:
               f"load avg {os.getloadavg()[0]:.1f}", flush=True)
         results, baseline = [], []
         for run in range(args.runs):
-            if args.baseline_dir:  # interleaved, so that both see the same machine load
-                b = submit(address, temp / "baseline", data_root, tokenizer_dir, args, Path(args.baseline_dir).resolve())
-                baseline.append(b["first_step"])
-                print(f"run {run + 1}: baseline submit -> step 1 {b['first_step']:.1f} s; "
-                      f"load avg {os.getloadavg()[0]:.1f}", flush=True)
-            r = submit(address, temp / "artifacts", data_root, tokenizer_dir, args)
-            results.append(r)
-            phases = r["breakdown"] or {}
-            shown = " | ".join(f"{name} {seconds:.1f}" for name, seconds in phases.get("phases", {}).items())
-            driver = f"submit -> driver {phases['marks']['process'] - r['submitted']:.1f} | " if phases else ""
-            print(f"run {run + 1}: submit -> step 1 {r['first_step']:.1f} s"
-                  + (f"  [{driver}{shown}; pipeline first rows {phases.get('pipeline first rows', float('nan')):.1f}]"
-                     if shown else "  (the job printed no startup breakdown)")
-                  + f"; load avg {os.getloadavg()[0]:.1f}", flush=True)
-        firsts = [r["first_step"] for r in results]
+            # interleaved, so that both see the same machine load, and taking turns at going first (the
+            # head's first job also starts Ray Data's shared actors)
+            for is_baseline in ((True, False) if run % 2 == 0 else (False, True)) if args.baseline_dir else (False,):
+                if is_baseline:
+                    baseline.append(submit(address, temp / "baseline", data_root, tokenizer_dir, args, head,
+                                           Path(args.baseline_dir).resolve()))
+                    show(f"run {run + 1} baseline", baseline[-1])
+                else:
+                    results.append(submit(address, temp / "artifacts", data_root, tokenizer_dir, args, head))
+                    show(f"run {run + 1}", results[-1])
         if baseline:
-            print(f"\nbaseline ({args.baseline_dir}): median {statistics.median(baseline):.1f} s; this checkout: "
-                  f"median {statistics.median(firsts):.1f} s; ratio {statistics.median(baseline) / statistics.median(firsts):.2f}x")
-        print(f"\nsubmit -> first step, cpu preset, {len(firsts)} runs on one warm head ({cpu_description()}): median {statistics.median(firsts):.1f} s, min {min(firsts):.1f}, "
-              f"max {max(firsts):.1f} (goal <= {GOAL_SECONDS:.0f} s)")
-        with_phases = [r["breakdown"]["phases"] for r in results if r["breakdown"]]
-        if with_phases:
-            print("median per phase (s): " + " | ".join(
-                f"{name} {statistics.median(p[name] for p in with_phases):.1f}" for name in with_phases[0]))
+            print(f"\nbaseline ({args.baseline_dir}):")
+            summary(baseline)
+            print(f"this checkout: ratio {statistics.median(r['first_step'] for r in baseline) / statistics.median(r['first_step'] for r in results):.2f}x")
+        print(f"\nsubmit -> first step, cpu preset, {len(results)} runs on one warm head ({cpu_description()}):")
+        summary(results)
     finally:
         if head is not None:
             stop_head(head)

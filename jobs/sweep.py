@@ -27,7 +27,7 @@ from nanochat_ray.config import ConfigError, config_from_args, validate
 from nanochat_ray.data.download import shards_needed, start_downloads, train_and_val_shards
 from nanochat_ray.data.registry import resolve
 from nanochat_ray.train.cli import run_options, training_parser
-from nanochat_ray.train.sweep import METRIC, best_trial, horizon, parse_grid, print_table, sweep
+from nanochat_ray.train.sweep import METRIC, best_trial, parse_grid, print_table, sweep
 from nanochat_ray.stage import check_stage
 
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     if base.eval_every <= 0:
         raise ConfigError("the sweep ranks trials on val bpb: set --eval-every to a positive number of steps")
     grace = args.grace_period or base.eval_every
-    shortest = min(map(horizon, configs))
+    shortest = min(c.horizon() for c in configs)
     if grace >= shortest:
         raise ConfigError(f"grace period {grace} steps leaves no rung before the horizon ({shortest} steps): "
                           f"lower --grace-period or --eval-every, or raise --num-iterations")

@@ -107,6 +107,18 @@ class Config:
             return max(1, int(self.target_flops // (flops_per_token * self.total_batch_size)))
         return max(1, int(self.target_param_data_ratio * num_params // self.total_batch_size))
 
+    def horizon(self) -> int:
+        """Optimizer steps of a full run, before any model exists: a fixed num_iterations as it is;
+        a horizon from the model's size counts the parameters of one built on the meta device
+        (its first use costs a second of torch imports, so a fixed horizon skips it)."""
+        if self.num_iterations > 0:
+            return self.num_iterations
+        from nanochat_ray.gpt import GPT
+
+        with torch.device("meta"):  # the parameter count only: no memory, no init
+            model = GPT(self.gpt_config())
+        return self.iterations(model.num_params(), model.estimate_flops())
+
     def lr_multiplier(self, step: int, num_iterations: int) -> float:
         """Warm-up, constant, then linear warm-down to final_lr_frac (SPEC §5)."""
         warmup = round(self.warmup_ratio * num_iterations)

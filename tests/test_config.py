@@ -17,6 +17,9 @@ def test_depth_dial_derives_the_model():
     assert cfg.iterations(num_params=560_988_160, flops_per_token=1) == 21_400
     assert make_config("d20", num_iterations=7).iterations(10**9, 1) == 7
     assert make_config("d20", target_flops=1e18).iterations(10**9, 3_491_758_080) == int(1e18 // (3_491_758_080 * 524288))
+    # before any model exists: the d20 model's own parameter count, or a fixed horizon as it is
+    assert cfg.horizon() == 21_400
+    assert make_config("d20", num_iterations=7).horizon() == 7
 
 
 def test_every_preset_is_valid_and_cpu_matches_spec_14():

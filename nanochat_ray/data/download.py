@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray
-import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
@@ -33,7 +32,6 @@ from nanochat_ray.config import Config
 from nanochat_ray.data.registry import (
     MIRROR_HINT, NUM_SHARDS, DataUnavailableError, cache_dir, download_file, mirror_root, shard_url,
 )
-from nanochat_ray.gpt import GPT
 
 # planning figures of the reference (its speedrun script): characters per hub shard, and the
 # characters one token stands for with the 65K tokenizer
@@ -44,9 +42,7 @@ CHARS_PER_TOKEN = 4.8
 def shards_needed(cfg: Config) -> int:
     """Shards (val included) a run of `cfg` needs: enough for the tokenizer's text and for the
     pretraining horizon plus 10%, then the val shard. d20: 216 → 238 + 1 (the reference rounds to 240)."""
-    with torch.device("meta"):  # only the parameter count is needed: no memory, no init
-        model = GPT(cfg.gpt_config())
-    tokens = cfg.iterations(model.num_params(), model.estimate_flops()) * cfg.total_batch_size
+    tokens = cfg.horizon() * cfg.total_batch_size
     pretrain = math.ceil(1.1 * math.ceil(tokens * CHARS_PER_TOKEN / CHARS_PER_SHARD))
     tokenizer = math.ceil(cfg.tokenizer_max_chars / CHARS_PER_SHARD)
     return min(NUM_SHARDS, max(pretrain, tokenizer) + 1)

@@ -35,6 +35,7 @@ and rank 0's reset() puts the feeder at that checkpoint's data position.
 """
 
 import dataclasses
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ CONVERSATIONS_PER_ITEM = 256  # one Ray Data item: enough work per call, and the
 ITEMS_PER_STREAM = 1024  # whole epochs of a small mixture run in one stream: its actors start once
 DOCS_PER_ITEM = 128  # pretraining documents per stream item: the first rows wait for this many, not a row group
 FEEDER_TIMEOUT_S = 600.0  # a call to the feeder that takes longer is an error, not a silent hang
+RUN_AHEAD_STEPS = 8  # pretraining: optimizer steps of rows Ray Data may hold beyond what the feeder took
+ITEM_BYTES = 1 << 20  # about one item's packed rows (128 documents of ~2,000 tokens, int32)
+BACKGROUND_NICENESS = 10  # OS priority of data actors that share the trainers' cores (nice 10: ~1/10 of a core when contended)
 
 
 @dataclass(frozen=True)
@@ -87,10 +91,22 @@ def row_groups(shards: list[Path]) -> list[tuple[str, int, int]]:
     return items
 
 
-class TokenizeAndPack:
+class DataActor:
+    """An actor of the pipelines (Ray Data's and the feeders). With no CPUs reserved for it (CPU-only
+    runs) it shares the training workers' cores, so it works at a lower OS priority: the pipeline
+    runs ahead on the cores the training leaves idle instead of taking them from the training
+    processes (at start-up: from the Ray Train worker's imports, model build and first step)."""
+
+    def __init__(self, background: bool):
+        if background:
+            os.nice(BACKGROUND_NICENESS)
+
+
+class TokenizeAndPack(DataActor):
     """Ray Data actor: read an item's documents, tokenize them with <|bos|> each, pack rows."""
 
-    def __init__(self, tokenizer_dir: str, seq_len: int):
+    def __init__(self, tokenizer_dir: str, seq_len: int, background: bool = False):
+        super().__init__(background)
         self.tokenizer = Tokenizer.from_directory(tokenizer_dir)  # once per actor, not per batch
         self.row_len = seq_len + 1  # inputs and targets are shifted views of one row
 
@@ -114,29 +130,36 @@ class TokenizeAndPack:
 
 
 def ordered_map(items: list[dict], actor: type, actor_kwargs: dict, num_actors: int,
-                actor_cpus: float) -> "ray.data.Dataset":
-    """Ray Data stream of `actor`'s output for each item (one per call, on a pool of actors), in item order."""
+                actor_cpus: float, run_ahead_bytes: int | None = None) -> "ray.data.Dataset":
+    """Ray Data stream of `actor`'s output for each item (one per call, on a pool of actors), in item
+    order. Actors given no CPUs work in the background (DataActor). `run_ahead_bytes` caps the
+    object store Ray Data may fill ahead of the consumer (default: Ray Data's own budget, a share of
+    the object store, which lets it tokenize whole shards ahead)."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # order is part of the data position
     ctx.enable_progress_bars = False  # the trainer logs its own progress
+    if run_ahead_bytes is not None:  # (this process's context: one pipeline per feeder actor)
+        ctx.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=run_ahead_bytes)
     return ray.data.from_items(items).map_batches(
-        actor, fn_constructor_kwargs=actor_kwargs, batch_size=1,
+        actor, fn_constructor_kwargs=actor_kwargs | {"background": actor_cpus == 0}, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=actor_cpus)
 
 
 def packed_rows(items: list[tuple[str, int, int]], tokenizer_dir: str, seq_len: int, start_item: int,
-                num_actors: int, actor_cpus: float) -> "ray.data.Dataset":
-    """Ray Data stream of packed rows for items[start_item:], in order."""
+                num_actors: int, actor_cpus: float, run_ahead_bytes: int | None = None) -> "ray.data.Dataset":
+    """Ray Data stream of packed rows for items[start_item:], in order (ordered_map's run-ahead cap)."""
     todo = [{"index": i, "shard": s, "row_group": g, "first": f} for i, (s, g, f) in enumerate(items) if i >= start_item]
     return ordered_map(todo, TokenizeAndPack, {"tokenizer_dir": tokenizer_dir, "seq_len": seq_len},
-                       num_actors, actor_cpus)
+                       num_actors, actor_cpus, run_ahead_bytes)
 
 
-class RenderConversations:
+class RenderConversations(DataActor):
     """Ray Data actor: render conversations [start, stop) of a mixture as the tokenizer does for chat:
     token ids, or with `masked` (2, n) ids and the assistant mask, cut to max_tokens."""
 
-    def __init__(self, mixture: Callable[[], Task], tokenizer_dir: str, max_tokens: int, masked: bool):
+    def __init__(self, mixture: Callable[[], Task], tokenizer_dir: str, max_tokens: int, masked: bool,
+                 background: bool = False):
+        super().__init__(background)
         self.mixture = mixture()  # once per actor: loading the datasets takes seconds
         self.tokenizer = Tokenizer.from_directory(tokenizer_dir)
         self.max_tokens, self.masked = max_tokens, masked
@@ -205,7 +228,7 @@ def padded_rows(conversations: list) -> np.ndarray:
 # -----------------------------------------------------------------------------
 
 
-class StepFeeder:
+class StepFeeder(DataActor):
     """Serves each step's rows to the training workers in a fixed order (the Ray actors below).
 
     Step s is split into `world_size` slices of `rows_per_slice` rows; worker r gets slice r.
@@ -216,7 +239,8 @@ class StepFeeder:
     position after it, and how a slice's rows are batched.
     """
 
-    def __init__(self):
+    def __init__(self, background: bool):
+        super().__init__(background)
         self.rows, self.started, self.fill_error = None, None, None
         self.lock = threading.Lock()  # the warm-up thread and get() fill the buffer in turn
         self.first_rows_at: float | None = None  # time.time() when the first step's rows were ready
@@ -295,16 +319,21 @@ class BatchFeeder(StepFeeder):
 
     def __init__(self, shards: list[str], tokenizer_dir: str, seq_len: int, num_actors: int = 1,
                  actor_cpus: float = 0.5):
-        super().__init__()
+        super().__init__(background=actor_cpus == 0)  # the feeder's work is the data actors' kind
         self.items = row_groups([Path(s) for s in shards])
         self.tokenizer_dir, self.seq_len = tokenizer_dir, seq_len
         self.num_actors, self.actor_cpus = num_actors, actor_cpus
 
     def _rows(self, position: DataPosition):
         """Packed rows from `position` on, epoch after epoch, each with the position after it."""
+        # Ray Data runs ahead at most RUN_AHEAD_STEPS steps of rows, and at least two items per actor
+        # (each keeps one call in flight): without a cap it tokenizes whole shards ahead, which on a
+        # CPU-only run takes the cores from the training's start-up and steps
+        step_bytes = self.world_size * self.rows_per_slice * (self.seq_len + 1) * 4
+        run_ahead = max(RUN_AHEAD_STEPS * step_bytes, 2 * self.num_actors * ITEM_BYTES)
         while True:
             ds = packed_rows(self.items, self.tokenizer_dir, self.seq_len, position.item,
-                             self.num_actors, self.actor_cpus)
+                             self.num_actors, self.actor_cpus, run_ahead)
             produced = False
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
                 for tokens, item, row in zip(batch["tokens"], batch["item"], batch["row"]):
@@ -329,7 +358,7 @@ class ChatFeeder(StepFeeder):
                  num_actors: int = 1, actor_cpus: float = 0.5):
         if size < 1:
             raise ValueError("the conversation mixture is empty")
-        super().__init__()
+        super().__init__(background=actor_cpus == 0)
         self.size, self.packed, self.row_len = size, packed, seq_len + 1
         self.num_actors, self.actor_cpus = num_actors, actor_cpus
         # as before streaming: midtraining renders whole conversations (up to 2,048 tokens) and

@@ -5,7 +5,8 @@ Base-model pretraining: the data source of the `base` stage, and its driver.
 
 The driver starts a BatchFeeder (data/pipeline.py: Ray Data tokenizes the shards on an actor
 pool while the workers train) at the run's data position before it starts the workers, so the
-first rows are read while they start; then it runs the stage with train/worker.py. Each worker
+first rows are read while they start (and before the driver imports Ray Train, so the feeder's
+process starts meanwhile); then it runs the stage with train/worker.py. Each worker
 asks the feeder for its rows one step ahead and measures val bits per byte on the last shard.
 """
 
@@ -28,7 +29,6 @@ from nanochat_ray.data.rows import to_batch, val_rows
 from nanochat_ray.stage import SAMPLE_PROMPTS, RunOptions, check_stage
 from nanochat_ray.train import startup
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, sum_over_workers
-from nanochat_ray.train.worker import TrainSpec, fit
 
 
 @dataclass
@@ -114,6 +114,10 @@ def pretrain(cfg: Config, run: RunOptions, *, train_shards: list[Path], val_shar
     startup.mark("pipeline")
     feeder.reset.remote(position, step, run.num_workers, rows_per_slice(cfg, run.num_workers))
     data = PretrainData(feeder, str(run.tokenizer_dir), str(val_shard), str(core_bundle) if core_bundle else None)
+    # Ray Train (with pandas and Ray Data: over a second of imports) is imported once the feeder's
+    # process is starting, so that its start-up runs on another core meanwhile
+    from nanochat_ray.train.worker import TrainSpec, fit
+
     try:
         return fit(TrainSpec("base", cfg, stage_dir, data, resume=run.resume, fail_at_step=run.fail_at_step), run,
                    callbacks=callbacks)

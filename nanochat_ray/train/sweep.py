@@ -19,13 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from nanochat_ray.config import Config, ConfigError
-from nanochat_ray.gpt import GPT
 from nanochat_ray.stage import RunOptions
 from nanochat_ray.train.pretrain import pretrain
 
@@ -49,13 +47,6 @@ def parse_grid(items: list[str], cfg: Config) -> dict[str, list]:
         except ValueError:
             raise ConfigError(f"--grid {item!r}: {name} takes {kind.__name__} values") from None
     return grid
-
-
-def horizon(cfg: Config) -> int:
-    """Optimizer steps of a full run of cfg."""
-    with torch.device("meta"):  # the parameter count only: no memory
-        model = GPT(cfg.gpt_config())
-    return cfg.iterations(model.num_params(), model.estimate_flops())
 
 
 class EvalsToTune(TuneReportCallback):
@@ -126,7 +117,7 @@ def sweep(cfg: Config, grid: dict[str, list], *, name: str, root: Path, run: Run
     """Run one pretraining per point of `grid` (each a dataclasses.replace of cfg) under
     root/<trial id>, ASHA stopping laggards; returns table_rows() of the trials."""
     configs = {values: dataclasses.replace(cfg, **dict(zip(grid, values))) for values in product(*grid.values())}
-    horizons = {values: horizon(c) for values, c in configs.items()}
+    horizons = {values: c.horizon() for values, c in configs.items()}
     trials = Trials(cfg, root, run, pretrain_options)
     tuner = tune.Tuner(
         # the trial's own actor only waits on its TorchTrainer, whose workers hold the real resources

@@ -51,6 +51,7 @@ from nanochat_ray.train import startup
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, run
 
 STORAGE_MARKERS = ".shared-storage"  # under the artifact root: one marker file per running fit()
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch, read by its controller
 
 
 class DataSource(Protocol):
@@ -103,19 +104,21 @@ def check_shared_storage(marker: str, node: str) -> None:
 
 
 def background_peak_flops(device: torch.device, dtype: torch.dtype):
-    """The MFU denominator, measured on a thread so that the probe (a second of matmuls on CPU) is
-    not on the way to the first step. Returns a function giving it: at step 1 None if the probe
-    still runs, from step 2 on it waits for the probe (it overlapped the model build and step 1)."""
+    """The MFU denominator, measured on a thread started after step 1, so that the probe (a second of
+    matmuls on CPU) is not on the way to the first step: on a machine with few cores it would take
+    one from the model build and step 1. Returns a function giving it: None at step 1 (the call that
+    starts the probe); from step 2 on it waits for the probe (it overlapped step 2)."""
     found: list[float] = []
     thread = threading.Thread(target=lambda: found.append(peak_flops(device, dtype)), daemon=True)
-    thread.start()
     calls = 0
 
     def peak() -> float | None:
         nonlocal calls
         calls += 1
-        if calls > 1:
-            thread.join()
+        if calls == 1:
+            thread.start()
+            return None
+        thread.join()
         return found[0] if found else None
     return peak
 
@@ -137,6 +140,8 @@ def train_worker(spec: TrainSpec) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     marks = dict(spec.startup or {}) | {"worker": time.time()}
+    if (started := startup.process_start_time()) is not None:
+        marks["worker process"] = started
     if spec.storage_marker is not None:
         check_shared_storage(spec.storage_marker, ray.get_runtime_context().get_node_id())
     device = ray.train.torch.get_device()
@@ -260,6 +265,11 @@ def fit(spec: TrainSpec, run: RunOptions, callbacks: list | None = None) -> dict
     if run.placement_strategy not in PLACEMENT_STRATEGIES:
         raise ConfigError(f"placement strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
                           f"got {run.placement_strategy!r}")
+    if not run.use_gpu:
+        # Ray Train's preemption watcher is one more actor process (a second and a half of CPU for
+        # its imports) that starts beside the model build; a CPU-only run has no core to spare for
+        # it. A lost node is still a worker failure, restarted from the last checkpoint.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     marker = write_storage_marker(spec.stage_dir)
     spec = dataclasses.replace(spec, storage_marker=str(marker),
                                startup=startup.MARKS | {"fit": time.time()})
