@@ -101,18 +101,24 @@ class KVCache:
         self.mask = (keys <= self._positions[..., None])[:, None]
         return self._positions
 
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, D) at each row's position; return the keys/values (B, H_kv, L, D)
-        that the mask from begin() applies to."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+        """Write k, v (B, H_kv, T, D) at each row's position, then attend with q (B, H, T, D) over each
+        row's keys under the mask from begin(); returns (B, H, T, D) in q's dtype.
+
+        The attention runs in the cache's dtype whatever autocast says: an fp32 cache (the engine's
+        on CPU) is there because torch's CPU attention is faster in fp32 than in bf16 at decode sizes."""
         B, length = k.size(0), self.mask.size(-1)
         rows = torch.arange(B, device=k.device)[:, None]
         # indices around a slice put their dims first: the target is (B, T, H_kv, D); index_put
-        # does not convert dtypes (autocast makes k, v bf16 on GPU)
+        # does not convert dtypes
         self.kv[layer, 0, rows, :, self._positions] = k.transpose(1, 2).to(self.kv.dtype)
         self.kv[layer, 1, rows, :, self._positions] = v.transpose(1, 2).to(self.kv.dtype)
         if layer == self.kv.size(0) - 1:
             self.pos[:B] = self._positions[:, -1] + 1
-        return self.kv[layer, 0, :B, :, :length], self.kv[layer, 1, :B, :, :length]
+        keys, values = self.kv[layer, 0, :B, :, :length], self.kv[layer, 1, :B, :, :length]
+        with torch.autocast(q.device.type, enabled=False):
+            y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=self.mask, enable_gqa=enable_gqa)
+        return y.to(q.dtype)
 
     def prefill_from(self, other: "KVCache", rows: list[int] | None = None) -> None:
         """Copy a batch-1 cache into `rows` of this one (every row by default)."""
@@ -167,8 +173,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             # the cache's mask is causal per row and hides keys past each row's length
-            k, v = kv_cache.insert(self.layer_idx, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, enable_gqa=gqa)
+            y = kv_cache.attend(self.layer_idx, q, k, v, gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 

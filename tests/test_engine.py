@@ -112,13 +112,19 @@ def test_greedy_with_cache_equals_recomputing_the_full_sequence(model, tokenizer
     assert cached == ids
 
 
-def test_bf16_autocast_decodes_with_a_bf16_cache_and_a_head_cast_once_as_autocast_would(model, tokenizer):
-    # CUDA and CPUs with native bf16 decode under bf16 autocast; the batch casts the lm_head once
+def test_bf16_autocast_decodes_with_a_head_cast_once_as_autocast_would(model, tokenizer):
+    # CUDA and CPUs with native bf16 decode under bf16 autocast; the batch casts the lm_head once.
+    # On CPU the cache stays fp32: torch's CPU attention is faster in fp32 than in bf16
     prompt = prompt_of(tokenizer, "the lazy dog")
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
         batch = DecodeBatch(model, tokenizer, max_rows=2)
         batch.add(prompt, num_samples=2, temperature=0.0)
-        assert batch.cache.kv.dtype == batch.head_weight.dtype == torch.bfloat16
+        assert batch.head_weight.dtype == torch.bfloat16 and batch.cache.kv.dtype == torch.float32
+        # the blocks' weights are cast once too, to the values autocast's per-step casts would give
+        assert {p.dtype for p in batch.model.transformer.h.parameters()} == {torch.bfloat16}
+        assert batch.model.lm_head.weight is model.lm_head.weight and model.lm_head.weight.dtype == torch.float32
+        ids = torch.tensor([prompt])
+        assert torch.equal(batch.model.hidden_states(ids), model.hidden_states(ids))
         hidden = torch.randn(3, model.config.n_embd)
         assert torch.equal(model.logits(hidden, batch.head_weight), model.logits(hidden))  # autocast's own cast
         first = [g.token for g in batch.step().values()]
