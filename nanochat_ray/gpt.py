@@ -85,6 +85,8 @@ class KVCache:
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row
         self.mask: torch.Tensor | None = None  # (B, 1, T, L) for the forward in progress
         self._positions: torch.Tensor | None = None  # (B, T) where that forward's tokens go
+        self._rows: torch.Tensor | None = None  # (B, 1) row indices, and the cache's
+        self._window: torch.Tensor | None = None  # rows and positions that forward reads
 
     @property
     def batch_size(self) -> int:
@@ -99,6 +101,9 @@ class KVCache:
         # a query sees the keys at or before its own position in its own row: causal within
         # the chunk, and blind to the stale tail of rows shorter than the longest
         self.mask = (keys <= self._positions[..., None])[:, None]
+        # what every layer indexes, made once per forward (a decode step is mostly small ops)
+        self._rows = torch.arange(batch, device=self.pos.device)[:, None]
+        self._window = self.kv[:, :, :batch, :, :length]  # (layers, 2, batch, H_kv, length, D)
         return self._positions
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
@@ -107,15 +112,12 @@ class KVCache:
 
         The attention runs in the cache's dtype whatever autocast says: an fp32 cache (the engine's
         on CPU) is there because torch's CPU attention is faster in fp32 than in bf16 at decode sizes."""
-        B, length = k.size(0), self.mask.size(-1)
-        rows = torch.arange(B, device=k.device)[:, None]
-        # indices around a slice put their dims first: the target is (B, T, H_kv, D); index_put
+        # indices around a slice put their dims first: the target is (B, T, 2, H_kv, D); index_put
         # does not convert dtypes
-        self.kv[layer, 0, rows, :, self._positions] = k.transpose(1, 2).to(self.kv.dtype)
-        self.kv[layer, 1, rows, :, self._positions] = v.transpose(1, 2).to(self.kv.dtype)
+        self.kv[layer][:, self._rows, :, self._positions] = torch.stack((k, v)).permute(1, 3, 0, 2, 4).to(self.kv.dtype)
         if layer == self.kv.size(0) - 1:
-            self.pos[:B] = self._positions[:, -1] + 1
-        keys, values = self.kv[layer, 0, :B, :, :length], self.kv[layer, 1, :B, :, :length]
+            self.pos[:k.size(0)] = self._positions[:, -1] + 1
+        keys, values = self._window[layer]
         with torch.autocast(q.device.type, enabled=False):
             y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=self.mask, enable_gqa=enable_gqa)
         return y.to(q.dtype)
