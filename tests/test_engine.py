@@ -75,6 +75,24 @@ def test_inverse_cdf_sampling_follows_the_distribution_and_top_k():
     assert mixed.tolist() == [0, 0]
 
 
+def test_sampling_by_blocks_over_a_large_vocabulary():
+    # 4,096 tokens scan as 64 blocks of 64: the first maximum wins across and within blocks, and the
+    # inverse CDF lands on tokens of positive weight only, in proportion to it, whichever block they are in
+    logits = torch.full((3, 4096), -5.0)
+    logits[0, [70, 71, 4000]] = 3.0  # tied maxima, two in one block: the first one
+    logits[1, [4095, 64]] = 3.0  # the first maximum opens a block
+    logits[2, 130] = 3.0
+    greedy = sample_next_token(logits.clone(), torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.ones(3))
+    assert greedy.tolist() == [70, 64, 130]
+    row = torch.full((4096,), float("-inf"))
+    row[[0, 63, 64, 2047, 4095]] = torch.tensor([0.0, 1.0, 0.5, 2.0, -1.0])  # every other token weighs 0
+    uniform = (torch.arange(4000) + 1) / 4000
+    tokens = sample_next_token(row.repeat(4000, 1), torch.ones(4000), torch.zeros(4000, dtype=torch.long), uniform)
+    assert set(tokens.tolist()) == {0, 63, 64, 2047, 4095}
+    frequencies = torch.bincount(tokens, minlength=4096)[[0, 63, 64, 2047, 4095]] / 4000
+    torch.testing.assert_close(frequencies, row[[0, 63, 64, 2047, 4095]].softmax(-1), atol=1e-3, rtol=0)
+
+
 def test_top_p_keeps_the_smallest_nucleus_reaching_p_per_row():
     row = torch.tensor([2.0, 1.0, 0.0, -1.0])  # probabilities ≈ .644 .237 .087 .032
     uniform = (torch.arange(2000) + 1) / 2000
