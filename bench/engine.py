@@ -5,6 +5,11 @@ on CPUs with native bf16), the two interleaved so that load from other processes
 
     python bench/engine.py [--depth 4] [--prompt 32] [--max-tokens 128] [--samples 1 4 16 64]
     python bench/engine.py --samples 16 --dtypes float32 bfloat16 --contexts
+    python bench/engine.py --baseline-dir /tmp/base [--rounds 5]   # before/after, interleaved
+
+--baseline-dir DIR (a checkout of another commit, e.g. `git worktree add /tmp/base <commit>`) times
+the 16-sample case of DIR's nanochat_ray and of this checkout's in turns, each in a fresh process,
+--rounds times, and prints the medians and their ratio.
 
 The model is a freshly initialised depth-4 GPT (vocab 65,536) whose lm_head is drawn at random
 (the init's zero head would make every token equally likely); rows run to max_tokens unless
@@ -16,7 +21,12 @@ the reference at 16 samples.
 """
 
 import argparse
+import os
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -77,7 +87,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--contexts", type=int, nargs="*", default=[128, 512, 1024, 2048])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--baseline-dir", default=None, help="a checkout to compare with at 16 samples (see above)")
+    parser.add_argument("--rounds", type=int, default=5, help="turns of each checkout with --baseline-dir")
+    parser.add_argument("--rate-only", action="store_true", help=argparse.SUPPRESS)  # one turn of --baseline-dir
     args = parser.parse_args()
+    if args.baseline_dir:
+        return compare(args)
 
     torch.manual_seed(0)
     cfg = make_config("cpu", depth=args.depth, vocab_size=args.vocab_size)
@@ -93,6 +108,10 @@ def main() -> None:
           f"temperature 1.0, no top-k")
 
     generated_per_second(engine, prompt, 4, 8, args.dtypes, repeats=1)  # warm-up
+    if args.rate_only:
+        for dtype, rate in generated_per_second(engine, prompt, 16, args.max_tokens, args.dtypes).items():
+            print(f"RATE {dtype} {rate}")
+        return
     print(f"\n{'samples':>16} {'dtype':>9} {'tokens/s':>9} {'reference':>10} {'speed-up':>9}")
     rates = {}
     for n in args.samples:
@@ -116,6 +135,31 @@ def main() -> None:
         for dtype in args.dtypes:
             print(f"{context:>8} {dtype:>9} {step_ms(model, tokenizer, context, 1, dtype):>14.1f} "
                   f"{step_ms(model, tokenizer, context, 16, dtype):>16.1f}")
+
+
+def compare(args: argparse.Namespace) -> None:
+    """16 samples' tokens/s of the baseline checkout and of this one, in turns, fresh processes."""
+    roots = {"baseline": Path(args.baseline_dir).resolve(), "this checkout": Path(__file__).resolve().parents[1]}
+    if not (roots["baseline"] / "nanochat_ray" / "engine.py").is_file():
+        raise SystemExit(f"--baseline-dir {args.baseline_dir}: no nanochat_ray/engine.py there; give a checkout's root")
+    print(f"cpu: {cpu_description()}; native bf16: {', '.join(native_bf16()) or 'none'}; "
+          f"{torch.get_num_threads()} torch threads; 16 samples × {args.max_tokens} tokens, best of 3 per turn")
+    command = [sys.executable, __file__, "--rate-only", "--depth", str(args.depth), "--vocab-size", str(args.vocab_size),
+               "--prompt", str(args.prompt), "--max-tokens", str(args.max_tokens), "--dtypes", *args.dtypes]
+    rates = {(name, dtype): [] for name in roots for dtype in args.dtypes}
+    for turn in range(args.rounds):
+        for name, root in roots.items():
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+            for line in out.splitlines():
+                if line.startswith("RATE "):
+                    _, dtype, rate = line.split()
+                    rates[(name, dtype)].append(float(rate))
+                    print(f"turn {turn + 1}: {name:>13} {dtype:>9} {float(rate):7.0f} tok/s", flush=True)
+    for dtype in args.dtypes:
+        base, new = (statistics.median(rates[(name, dtype)]) for name in roots)
+        print(f"{dtype}: baseline median {base:.0f} tok/s, this checkout {new:.0f} tok/s: {new / base:.2f}x; "
+              f"{new / SIDE_BY_SIDE_16:.2f}x the reference's {SIDE_BY_SIDE_16} (goal 4x)")
 
 
 if __name__ == "__main__":

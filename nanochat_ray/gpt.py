@@ -86,6 +86,8 @@ class KVCache:
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row
         self.mask: torch.Tensor | None = None  # (B, 1, T, L) for the forward in progress
         self._positions: torch.Tensor | None = None  # (B, T) where that forward's tokens go
+        self._rows: torch.Tensor | None = None  # (B, 1) row indices, and the cache's
+        self._window: torch.Tensor | None = None  # rows and positions that forward reads
 
     @property
     def batch_size(self) -> int:
@@ -100,20 +102,26 @@ class KVCache:
         # a query sees the keys at or before its own position in its own row: causal within
         # the chunk, and blind to the stale tail of rows shorter than the longest
         self.mask = (keys <= self._positions[..., None])[:, None]
+        # what every layer indexes, made once per forward (a decode step is mostly small ops)
+        self._rows = torch.arange(batch, device=self.pos.device)[:, None]
+        self._window = self.kv[:, :, :batch, :, :length]  # (layers, 2, batch, H_kv, length, D)
         return self._positions
 
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, D) at each row's position; return the keys/values (B, H_kv, L, D)
-        that the mask from begin() applies to."""
-        B, length = k.size(0), self.mask.size(-1)
-        rows = torch.arange(B, device=k.device)[:, None]
-        # indices around a slice put their dims first: the target is (B, T, H_kv, D); index_put
-        # does not convert dtypes (autocast makes k, v bf16 on GPU)
-        self.kv[layer, 0, rows, :, self._positions] = k.transpose(1, 2).to(self.kv.dtype)
-        self.kv[layer, 1, rows, :, self._positions] = v.transpose(1, 2).to(self.kv.dtype)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+        """Write k, v (B, H_kv, T, D) at each row's position, then attend with q (B, H, T, D) over each
+        row's keys under the mask from begin(); returns (B, H, T, D) in q's dtype.
+
+        The attention runs in the cache's dtype whatever autocast says: an fp32 cache (the engine's
+        on CPU) is there because torch's CPU attention is faster in fp32 than in bf16 at decode sizes."""
+        # indices around a slice put their dims first: the target is (B, T, 2, H_kv, D); index_put
+        # does not convert dtypes
+        self.kv[layer][:, self._rows, :, self._positions] = torch.stack((k, v)).permute(1, 3, 0, 2, 4).to(self.kv.dtype)
         if layer == self.kv.size(0) - 1:
-            self.pos[:B] = self._positions[:, -1] + 1
-        return self.kv[layer, 0, :B, :, :length], self.kv[layer, 1, :B, :, :length]
+            self.pos[:k.size(0)] = self._positions[:, -1] + 1
+        keys, values = self._window[layer]
+        with torch.autocast(q.device.type, enabled=False):
+            y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=self.mask, enable_gqa=enable_gqa)
+        return y.to(q.dtype)
 
     def prefill_from(self, other: "KVCache", rows: list[int] | None = None) -> None:
         """Copy a batch-1 cache into `rows` of this one (every row by default)."""
@@ -168,8 +176,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             # the cache's mask is causal per row and hides keys past each row's length
-            k, v = kv_cache.insert(self.layer_idx, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, enable_gqa=gqa)
+            y = kv_cache.attend(self.layer_idx, q, k, v, gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 

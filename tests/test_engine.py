@@ -75,6 +75,24 @@ def test_inverse_cdf_sampling_follows_the_distribution_and_top_k():
     assert mixed.tolist() == [0, 0]
 
 
+def test_sampling_by_blocks_over_a_large_vocabulary():
+    # 4,096 tokens scan as 64 blocks of 64: the first maximum wins across and within blocks, and the
+    # inverse CDF lands on tokens of positive weight only, in proportion to it, whichever block they are in
+    logits = torch.full((3, 4096), -5.0)
+    logits[0, [70, 71, 4000]] = 3.0  # tied maxima, two in one block: the first one
+    logits[1, [4095, 64]] = 3.0  # the first maximum opens a block
+    logits[2, 130] = 3.0
+    greedy = sample_next_token(logits.clone(), torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.ones(3))
+    assert greedy.tolist() == [70, 64, 130]
+    row = torch.full((4096,), float("-inf"))
+    row[[0, 63, 64, 2047, 4095]] = torch.tensor([0.0, 1.0, 0.5, 2.0, -1.0])  # every other token weighs 0
+    uniform = (torch.arange(4000) + 1) / 4000
+    tokens = sample_next_token(row.repeat(4000, 1), torch.ones(4000), torch.zeros(4000, dtype=torch.long), uniform)
+    assert set(tokens.tolist()) == {0, 63, 64, 2047, 4095}
+    frequencies = torch.bincount(tokens, minlength=4096)[[0, 63, 64, 2047, 4095]] / 4000
+    torch.testing.assert_close(frequencies, row[[0, 63, 64, 2047, 4095]].softmax(-1), atol=1e-3, rtol=0)
+
+
 def test_top_p_keeps_the_smallest_nucleus_reaching_p_per_row():
     row = torch.tensor([2.0, 1.0, 0.0, -1.0])  # probabilities ≈ .644 .237 .087 .032
     uniform = (torch.arange(2000) + 1) / 2000
@@ -112,13 +130,19 @@ def test_greedy_with_cache_equals_recomputing_the_full_sequence(model, tokenizer
     assert cached == ids
 
 
-def test_bf16_autocast_decodes_with_a_bf16_cache_and_a_head_cast_once_as_autocast_would(model, tokenizer):
-    # CUDA and CPUs with native bf16 decode under bf16 autocast; the batch casts the lm_head once
+def test_bf16_autocast_decodes_with_a_head_cast_once_as_autocast_would(model, tokenizer):
+    # CUDA and CPUs with native bf16 decode under bf16 autocast; the batch casts the lm_head once.
+    # On CPU the cache stays fp32: torch's CPU attention is faster in fp32 than in bf16
     prompt = prompt_of(tokenizer, "the lazy dog")
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
         batch = DecodeBatch(model, tokenizer, max_rows=2)
         batch.add(prompt, num_samples=2, temperature=0.0)
-        assert batch.cache.kv.dtype == batch.head_weight.dtype == torch.bfloat16
+        assert batch.head_weight.dtype == torch.bfloat16 and batch.cache.kv.dtype == torch.float32
+        # the blocks' weights are cast once too, to the values autocast's per-step casts would give
+        assert {p.dtype for p in batch.model.transformer.h.parameters()} == {torch.bfloat16}
+        assert batch.model.lm_head.weight is model.lm_head.weight and model.lm_head.weight.dtype == torch.float32
+        ids = torch.tensor([prompt])
+        assert torch.equal(batch.model.hidden_states(ids), model.hidden_states(ids))
         hidden = torch.randn(3, model.config.n_embd)
         assert torch.equal(model.logits(hidden, batch.head_weight), model.logits(hidden))  # autocast's own cast
         first = [g.token for g in batch.step().values()]

@@ -263,11 +263,11 @@ def test_weight_publish_bumps_the_version_and_actors_use_it(actors):
     assert [g.tokens for g in after.groups] != [g.tokens for g in before.groups], "same seeds, new weights"
 
 
-def test_the_gpu_path_in_bf16_publishes_bf16_and_samples_with_a_bf16_cache(ray_cluster, sft_root, smoke_tokenizer_dir,
-                                                                           tmp_path):
+def test_the_gpu_path_in_bf16_publishes_bf16_and_samples_in_bf16(ray_cluster, sft_root, smoke_tokenizer_dir, tmp_path):
     # what --use-gpu does by default (dtype auto = bf16 on CUDA), forced on CPU: the learner publishes
-    # bf16 weights (half the bytes), the rollout samples under bf16 autocast with a bf16 KV cache, and
-    # the learner's chunked policy loss runs under the same autocast
+    # bf16 weights (half the bytes), the rollout samples under bf16 autocast with a bf16 head (and a bf16
+    # KV cache on CUDA; on CPU the engine keeps it fp32, its faster attention there), and the learner's
+    # chunked policy loss runs under the same autocast
     cfg = dataclasses.replace(CFG, dtype="bfloat16")
     init = checkpoint_dir("sft", CFG.model_tag, sft_root) / "step_000000"
     learner = Learner(cfg, str(tmp_path), str(init), False, {})
@@ -281,11 +281,11 @@ def test_the_gpu_path_in_bf16_publishes_bf16_and_samples_with_a_bf16_cache(ray_c
 
     def spy(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        caches.append(self.cache.kv.dtype)
+        caches.append((self.head_weight.dtype, self.cache.kv.dtype))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(rl_policy.DecodeBatch, "__init__", spy)
         result = worker.rollout(version, "toy", "train", [0, 1], [0, 100], 4, 8)
-    assert caches == [torch.bfloat16]
+    assert caches == [(torch.bfloat16, torch.float32)]
     for group in result.groups:  # give the update a direction
         group.rewards = [float(i == 0) for i in range(4)]
     learner.accumulate(result)
