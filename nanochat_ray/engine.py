@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from nanochat_ray.calculator import CalculatorError, calculate
-from nanochat_ray.gpt import GPT, KVCache
+from nanochat_ray.gpt import GPT, KVCache, kv_cache_dtype
 from nanochat_ray.tokenizer import Tokenizer
 
 UNIFORM_BLOCK = 64  # random numbers a row draws from its generator at a time
@@ -150,10 +150,7 @@ class DecodeBatch:
         # the compute dtype: autocast's when it is on here (bf16 on GPU and on CPUs with native
         # bf16), else the weights'
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
-        # keys and values in it on GPU (half the cache of fp32 under bf16); in fp32 on CPU, where
-        # torch's fp32 attention beats its bf16 one at decode sizes (README, "The inference engine")
-        cache_dtype = torch.float32 if device.type == "cpu" else dtype
-        self.cache = KVCache(max_rows, c.n_kv_head, c.head_dim, c.n_layer, seq_len, device, cache_dtype)
+        self.cache = KVCache(max_rows, c.n_kv_head, c.head_dim, c.n_layer, seq_len, device, kv_cache_dtype(device, dtype))
         # the lm_head is most of a decode step's weights: autocast would cast all of it every step,
         # which costs more than its bf16 matmul saves (the same tensor when the dtypes agree); the
         # blocks' weights likewise (on CPU, reading their fp32 values to cast them cost more than

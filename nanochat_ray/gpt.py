@@ -68,6 +68,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # -----------------------------------------------------------------------------
 
 
+def kv_cache_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
+    """What a KV cache stores: the compute dtype on GPU (half the cache of fp32 under bf16), fp32 on
+    CPU, where torch's fp32 attention beats its bf16 one at decode sizes (README, "The inference engine")."""
+    return torch.float32 if device.type == "cpu" else compute_dtype
+
+
 class KVCache:
     """Keys and values for every layer, (layers, 2, B, H_kv, T_max, D), with a length per row.
 
