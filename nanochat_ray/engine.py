@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from nanochat_ray.calculator import CalculatorError, calculate
-from nanochat_ray.gpt import GPT, KVCache, kv_cache_dtype
+from nanochat_ray.gpt import GPT, KVCache, kv_cache_dtype, matmul_dtype
 from nanochat_ray.tokenizer import Tokenizer
 
 UNIFORM_BLOCK = 64  # random numbers a row draws from its generator at a time
@@ -143,13 +143,13 @@ class DecodeBatch:
         """Build inside the autocast context the steps will run in: the KV cache and the lm_head
         take its dtype. With bf16 autocast over fp32 weights the lm_head is cast here, once, so
         the batch decodes with the head it was built with (build a new one after loading weights)."""
-        self.model, self.tokenizer = model, tokenizer
+        self.tokenizer = tokenizer
         c = model.config
         weight = model.lm_head.weight
         device = weight.device
         # the compute dtype: autocast's when it is on here (bf16 on GPU and on CPUs with native
         # bf16), else the weights'
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+        dtype = matmul_dtype(weight)
         self.cache = KVCache(max_rows, c.n_kv_head, c.head_dim, c.n_layer, seq_len, device, kv_cache_dtype(device, dtype))
         # the lm_head is most of a decode step's weights: autocast would cast all of it every step,
         # which costs more than its bf16 matmul saves (the same tensor when the dtypes agree); the

@@ -68,6 +68,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # -----------------------------------------------------------------------------
 
 
+def matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls with t run in here: autocast's when it is on for t's device, else t's own."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
+
+
 def kv_cache_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
     """What a KV cache stores: the compute dtype on GPU (half the cache of fp32 under bf16), fp32 on
     CPU, where torch's fp32 attention beats its bf16 one at decode sizes (README, "The inference engine")."""
@@ -505,10 +511,7 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden = hidden.to(dtype)
+    hidden = hidden.to(matmul_dtype(hidden))  # autocast's dtype, as nn.Linear would compute in
     # the forward computes the gradients when they will be needed and every row weighs the same
     with_grads = reduction != "none" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     losses = _head_loss(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_rows, with_grads)[0]

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from nanochat_ray.gpt import KVCache, head_loss, kv_cache_dtype
+from nanochat_ray.gpt import KVCache, head_loss, kv_cache_dtype, matmul_dtype
 from nanochat_ray.tokenizer import Tokenizer
 
 SHUFFLE_SEED = 1337  # the reference shuffles each task once, so "the first N" is a random subset
@@ -190,10 +190,7 @@ def continuation_losses(model: torch.nn.Module, rows: list[tuple[list[int], int,
     if len(rows) > 1 and shared > 0:
         c = model.config
         weight = model.lm_head.weight
-        # as the engine's cache: from the compute dtype, autocast's when it is on
-        kind = weight.device.type
-        dtype = kv_cache_dtype(weight.device, torch.get_autocast_dtype(kind)
-                               if torch.is_autocast_enabled(kind) else weight.dtype)
+        dtype = kv_cache_dtype(weight.device, matmul_dtype(weight))  # as the engine's cache
         prefix = KVCache(1, c.n_kv_head, c.head_dim, c.n_layer, shared, device, dtype)
         model.hidden_states(torch.tensor([rows[0][0][:shared]], device=device), kv_cache=prefix)
         cache = KVCache(len(rows), c.n_kv_head, c.head_dim, c.n_layer, max(len(t) for t, _, _ in rows), device, dtype)
