@@ -14,9 +14,13 @@ reference figure of this CPU's class. MFU is against a matmul peak measured here
 """
 
 import argparse
+import os
 import statistics
 import time
 
+# as the training workers run (common.TRAINING_ENV: huge pages for big CPU tensors); torch reads it
+# at its first allocation, so before the import. THP_MEM_ALLOC_ENABLE=0 in the shell measures without.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
 
 from nanochat_ray.common import autocast, cpu_description, default_device, matmul_peak, native_bf16
@@ -43,7 +47,8 @@ def main() -> None:
     device = default_device()
     features = native_bf16()
     print(f"cpu: {cpu_description()}; native bf16: {', '.join(features) or 'none'}; "
-          f"{torch.get_num_threads()} torch threads; torch {torch.__version__}; device {device}")
+          f"{torch.get_num_threads()} torch threads; torch {torch.__version__}; device {device}; "
+          f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}")
     tokens = args.batch * args.seq_len
     cfg = make_config("cpu", depth=args.depth, seq_len=args.seq_len, vocab_size=args.vocab_size,
                       device_batch_size=args.batch, total_batch_size=tokens, eval_tokens=tokens)

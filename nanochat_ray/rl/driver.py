@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from nanochat_ray.common import dashboard_gauges, init_ray
+from nanochat_ray.common import TRAINING_ENV, dashboard_gauges, init_ray
 from nanochat_ray.config import Config, ConfigError
 from nanochat_ray.data.registry import mirror_root
 from nanochat_ray.rl.actors import LearnerActor, RolloutActor, RolloutResult
@@ -180,7 +180,8 @@ def rl_train(cfg: Config, options: RLOptions, run: RunOptions, fail_in: str = "r
     for attempt in range(max_failures + 1):
         launched = time.perf_counter()
         fail = run.fail_at_step if attempt == 0 else None
-        learner = LearnerActor.options(num_cpus=cpus_per_worker, **gpus).remote(
+        learner = LearnerActor.options(num_cpus=cpus_per_worker, runtime_env={"env_vars": TRAINING_ENV},
+                                       **gpus).remote(
             cfg, str(stage_dir), str(start_from), run.resume or attempt > 0, {"rl": asdict(options)},
             fail_at_step=fail if fail_in == "learner" else None)
         actors = [RolloutActor.options(num_cpus=options.cpus_per_actor, **gpus).remote(cfg, str(run.tokenizer_dir), mirror)

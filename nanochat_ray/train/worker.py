@@ -41,7 +41,8 @@ from ray.train.torch import TorchTrainer
 
 from nanochat_ray.checkpoint import (describe_file, finalize_checkpoint, latest_step, load_checkpoint,
                                      mark_latest, read_checkpoint, step_name, write_checkpoint)
-from nanochat_ray.common import compute_dtype, dashboard_gauges, maybe_compile, peak_flops, print0, verbose, write_atomic
+from nanochat_ray.common import (TRAINING_ENV, compute_dtype, dashboard_gauges, maybe_compile, peak_flops, print0,
+                                 verbose, write_atomic)
 from nanochat_ray.config import Config, ConfigError
 from nanochat_ray.gpt import GPT, build_gpt
 from nanochat_ray.tokenizer import Tokenizer
@@ -281,6 +282,7 @@ def fit(spec: TrainSpec, run: RunOptions, callbacks: list | None = None) -> dict
         run_config=RunConfig(name=spec.stage_dir.name, storage_path=str(spec.stage_dir.parent),
                              failure_config=FailureConfig(max_failures=run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=3), callbacks=callbacks,
+                             worker_runtime_env={"env_vars": TRAINING_ENV},
                              # Train's own INFO lines (resource requests, worker-group start, a
                              # "Reporting training result" dump per step) only with --verbose
                              logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
