@@ -317,16 +317,16 @@ class GPT(nn.Module):
 # the soft-capped head and its loss, chunked
 
 
-def softcap(logits: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """scale·SOFTCAP·tanh(logits / SOFTCAP), computed as scale·SOFTCAP·(2·sigmoid(2·logits / SOFTCAP) − 1).
+def softcap(logits: torch.Tensor) -> torch.Tensor:
+    """SOFTCAP·tanh(logits / SOFTCAP), computed as SOFTCAP·(2·sigmoid(2·logits / SOFTCAP) − 1).
 
     The same function (agreeing with tanh to ~1e-6 in fp32), and torch's CPU sigmoid is ~10×
     faster than its tanh. Outside autograd it overwrites `logits`: a second (rows, vocab) buffer
-    is what chunking the head saves. (The loss asks for scale log2(e): see _chunk_loss.)
+    is what chunking the head saves.
     """
     if torch.is_grad_enabled() and logits.requires_grad:
-        return torch.sigmoid(logits * (2 / SOFTCAP)) * (2 * SOFTCAP * scale) - SOFTCAP * scale
-    return logits.mul_(2 / SOFTCAP).sigmoid_().mul_(2 * SOFTCAP * scale).sub_(SOFTCAP * scale)
+        return torch.sigmoid(logits * (2 / SOFTCAP)) * (2 * SOFTCAP) - SOFTCAP
+    return logits.mul_(2 / SOFTCAP).sigmoid_().mul_(2 * SOFTCAP).sub_(SOFTCAP)
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -379,26 +379,33 @@ def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _buffer("weight_cast", *weight.shape, dtype, weight.device).copy_(weight)
 
 
+# Inside the ops every pass over (rows, V) counts (each ~15-80 ms on one core at d4), so the logits
+# there are soft-capped, shifted up by SOFTCAP (the shift cancels in the softmax and the loss) and in
+# base 2: c = (softcap(z) + SOFTCAP)·log2(e) = CAP·sigmoid(2z/SOFTCAP), in (0, CAP), no pass for the
+# shift. Base 2 because torch's CPU exp2 is ~3× faster than its exp (26 vs 82 ms over 1,024 × 65,536
+# on one core), for a relative error of ~1e-6 from rounding the scaled argument. The log-sum-exp
+# the ops return is of these shifted logits (what the backward needs of it).
+CAP = 2 * SOFTCAP * LOG2_E
+# d softcap(z)/dz = 4·s·(1 − s) for s = sigmoid(2z/SOFTCAP), = SLOPE·c·(1 − c/CAP) in terms of c
+SLOPE = 4 / CAP
+
+
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """head_logits(h, weight)·log2(e) written into a scratch buffer: (rows, V) soft-capped fp32 logits
-    in base-2 units, in (−SOFTCAP·log2(e), SOFTCAP·log2(e))."""
+    """(rows, V) logits c = CAP·sigmoid(2·(h @ weight.T) / SOFTCAP) in fp32, in a scratch buffer."""
     rows, cols = h.size(0), weight.size(0)
     capped = _buffer("logits", rows, cols, torch.float32, h.device)
     if h.dtype == torch.float32:
         torch.mm(h, weight.t(), out=capped)
     else:
         capped.copy_(torch.mm(h, weight.t(), out=_buffer("low", rows, cols, h.dtype, h.device)))
-    return softcap(capped, LOG2_E)
+    return capped.mul_(2 / SOFTCAP).sigmoid_().mul_(CAP)
 
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One chunk of rows: (soft-capped fp32 logits in base-2 units, 2 to the power of them (= e to
-    the natural logits), log-sum-exp, losses, 0 where t < 0), the first two in scratch buffers."""
-    # base 2 because torch's CPU exp2 is ~3× faster than its exp (26 vs 82 ms over 1,024 × 65,536 on
-    # one core), for a relative error of ~1e-6 from rounding the scaled argument: the scale rides
-    # on the soft-cap's last multiply, no extra pass
+    """One chunk of rows: (logits c, 2^c, log-sum-exp, losses, 0 where t < 0), the first two in
+    scratch buffers."""
     capped = _chunk_logits(h, weight)
-    # each exp is below e^SOFTCAP, so their sum cannot overflow: no pass for the row maximum
+    # each 2^c is below 2^CAP = e^(2·SOFTCAP) ≈ 1e13, so their sum cannot overflow: no pass for the row maximum
     exp = torch.exp2(capped, out=_buffer("exp", *capped.shape, torch.float32, h.device))
     lse = exp.sum(dim=-1).log_()
     picked = capped.gather(1, t.clamp(min=0)[:, None]).squeeze(1) / LOG2_E
@@ -406,12 +413,13 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple
 
 
 def _logits_grad(capped: torch.Tensor, probs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """d loss / d (hidden @ weight.T) of a chunk for a unit weight per row, 0 where t < 0, built in
-    probs' storage (softmax of the capped logits); overwrites capped (base-2 units, _chunk_logits')."""
-    # d loss / d capped = softmax − one_hot(target)
-    probs.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(probs[:, :1], -1.0))
-    # through the soft-cap: d capped / d z = 1 − (capped / SOFTCAP)², one fused multiply-add
-    grad = probs.addcmul_(probs, capped.square_(), value=-1 / (SOFTCAP * LOG2_E) ** 2)
+    """d loss / d (h @ weight.T) of a chunk for a unit weight per row, 0 where t < 0, built in probs'
+    storage, which holds softmax·SLOPE (the callers fold the constant into their normalisation);
+    overwrites capped (the logits c of _chunk_logits)."""
+    # d loss / d softcap(z) = softmax − one_hot(target), times SLOPE here
+    probs.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(probs[:, :1], -SLOPE))
+    # times d softcap(z) / dz / SLOPE = c·(1 − c/CAP): one fused multiply-add on c, then the product
+    grad = probs.mul_(capped.addcmul_(capped, capped, value=-1 / CAP))
     return grad.index_fill_(0, (t < 0).nonzero().squeeze(1), 0.0)
 
 
@@ -439,8 +447,9 @@ def _grad_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
 @torch.library.custom_op("nanochat::head_loss", mutates_args=())
 def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
                with_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row cross-entropy of softcap(hidden @ weight.T) (0 where target < 0), each row's
-    log-sum-exp, and with_grads: the gradients wrt hidden and weight of the losses' sum (else empty)."""
+    """Per-row cross-entropy of softcap(hidden @ weight.T) (0 where target < 0), each row's log-sum-exp
+    of the shifted logits (see CAP), and with_grads: the gradients wrt hidden and weight of the losses'
+    sum (else empty)."""
     n = hidden.size(0)
     losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -452,7 +461,7 @@ def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         h, t = hidden[rows], targets[rows]
         capped, exp, lse[rows], losses[rows] = _chunk_loss(h, weight, t)
         if with_grads:
-            grad = _logits_grad(capped, exp.div_(exp.sum(dim=-1, keepdim=True)), t)
+            grad = _logits_grad(capped, exp.div_(exp.sum(dim=-1, keepdim=True) / SLOPE), t)
             _accumulate_grads(grad, h, weight, grad_hidden[rows], grad_weight, i == 0)  # summed in fp32
     return losses, lse, grad_hidden, grad_weight
 
@@ -470,8 +479,9 @@ def _head_loss_backward(grad_losses: torch.Tensor, hidden: torch.Tensor, weight:
         rows = slice(i, i + chunk_rows)
         h, t = hidden[rows], targets[rows]
         capped = _chunk_logits(h, weight)  # (rows, V)
-        probs = torch.sub(capped, lse[rows, None] * LOG2_E, out=_buffer("exp", *capped.shape, torch.float32,
-                                                                         h.device)).exp2_()
+        # softmax·SLOPE = 2^(c − lse·log2(e) + log2(SLOPE))
+        shift = lse[rows, None] * LOG2_E - math.log2(SLOPE)
+        probs = torch.sub(capped, shift, out=_buffer("exp", *capped.shape, torch.float32, h.device)).exp2_()
         grad = _logits_grad(capped, probs, t).mul_(grad_losses[rows, None])
         _accumulate_grads(grad, h, weight, grad_hidden[rows], grad_weight, i == 0)
     return grad_hidden, grad_weight.to(weight_dtype)
