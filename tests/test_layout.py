@@ -91,6 +91,15 @@ def test_core_modules_do_not_import_ray():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_the_data_actors_module_does_not_import_torch():
+    # the pretraining pipeline's processes (its feeder and Ray Data actors) import only
+    # data/pipeline.py: torch would be a second of CPU each on the way to step 1 (README, Start-up)
+    code = ("import sys, nanochat_ray.data.pipeline; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_every_torch_load_refuses_pickled_code():
     # torch < 2.6 unpickles arbitrary objects by default: a poisoned checkpoint would run code
     import ast
