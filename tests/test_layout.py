@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nanochat_ray"
 # the only library modules that may import ray; every other module of nanochat_ray is core
-EDGES = {"data.pipeline", "data.download", "train.worker", "train.pretrain", "train.finetune", "train.sweep",
+EDGES = {"data.pipeline", "data.pacing", "data.download", "train.worker", "train.pretrain", "train.finetune", "train.sweep",
          "evals.actors", "rl.actors", "rl.driver"}
 # core modules that start a Ray client on request (init_ray, a cluster's GPU count): ray is
 # imported inside the one function that needs it, never when the module loads

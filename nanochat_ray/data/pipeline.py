@@ -47,7 +47,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.data.rows import PAD_ID
@@ -136,19 +135,6 @@ class TokenizeAndPack(DataActor):
                 "item": np.array(order, dtype=np.int64), "row": np.array(offsets, dtype=np.int64)}
 
 
-class PacedScheduling(ExecutionCallback):
-    """A pause at each step of Ray Data's scheduling loop (it runs in the feeder's process). The loop
-    waits for its tasks with ray.wait, which returns at once while a finished task's output is held
-    back by the run-ahead cap: once the stream is that far ahead it spins, taking a whole core from
-    the training for as long as it runs (0.9 CPU s per second, measured). Paced, it looks 1/PAUSE
-    times a second at most; an item takes far longer to tokenize than a pause."""
-
-    PAUSE_S = 0.05
-
-    def on_execution_step(self, executor) -> None:
-        time.sleep(self.PAUSE_S)
-
-
 def ordered_map(items: list[dict], actor: type, actor_kwargs: dict, num_actors: int,
                 actor_cpus: float, run_ahead_bytes: int | None = None) -> "ray.data.Dataset":
     """Ray Data stream of `actor`'s output for each item (one per call, on a pool of actors), in item
@@ -158,6 +144,9 @@ def ordered_map(items: list[dict], actor: type, actor_kwargs: dict, num_actors: 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # order is part of the data position
     ctx.enable_progress_bars = False  # the trainer logs its own progress
+    # (imported here: Ray Data's import at this module's top would come before the driver starts the feeder)
+    from nanochat_ray.data.pacing import PacedScheduling
+
     if PacedScheduling not in ctx.custom_execution_callback_classes:
         ctx.custom_execution_callback_classes.append(PacedScheduling)
     if run_ahead_bytes is not None:  # (this process's context: one pipeline per feeder actor)
