@@ -4,6 +4,8 @@ Time from `ray job submit` to the first optimizer step of `jobs/pretrain.py --pr
 
     python bench/startup.py                       # 3 submissions, tokenizer trained once (~1 min)
     python bench/startup.py --runs 5 --tokenizer-dir /tmp/tok65k --keep
+    python bench/startup.py --runs 2 --baseline-dir /tmp/old-checkout   # this checkout and another in turns
+    python bench/startup.py "--head-args=--system-config='{\"preload_python_modules\": [\"torch\"]}'"
 
 It starts its own head (`ray start --head --block` in a process group of its own, on free ports and
 its own temp dir, so other Ray sessions on the machine are untouched), trains the preset's tokenizer
