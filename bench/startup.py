@@ -4,6 +4,8 @@ Time from `ray job submit` to the first optimizer step of `jobs/pretrain.py --pr
 
     python bench/startup.py                       # 3 submissions, tokenizer trained once (~1 min)
     python bench/startup.py --runs 5 --tokenizer-dir /tmp/tok65k --keep
+    python bench/startup.py --runs 2 --baseline-dir /tmp/old-checkout   # this checkout and another in turns
+    python bench/startup.py "--head-args=--system-config='{\"preload_python_modules\": [\"torch\"]}'"
 
 It starts its own head (`ray start --head --block` in a process group of its own, on free ports and
 its own temp dir, so other Ray sessions on the machine are untouched), trains the preset's tokenizer
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -52,6 +55,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline-dir", default=None,
                         help="another checkout (e.g. `git archive` of an older commit): its job is submitted "
                              "in turn with this one's, for a before/after comparison on the same head")
+    parser.add_argument("--head-args", default="",
+                        help="extra flags for `ray start --head`, e.g. --system-config='{...}' to try a setting of "
+                             "Ray's worker pool")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (tokenizer, artifacts, head log)")
     return parser.parse_args()
 
@@ -62,7 +68,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_head(temp: Path, num_cpus: int) -> tuple[subprocess.Popen, str]:
+def start_head(temp: Path, num_cpus: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
     """`ray start --head --block` on free ports in its own session; returns it and the dashboard URL."""
     from ray.job_submission import JobSubmissionClient
 
@@ -75,7 +81,7 @@ def start_head(temp: Path, num_cpus: int) -> tuple[subprocess.Popen, str]:
                "--temp-dir", str(temp / "ray"), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                "--disable-usage-stats", "--min-worker-port", str(worker_ports),
                "--max-worker-port", str(worker_ports + 200),
-               *[arg for name, port in ports.items() for arg in (f"--{name}", str(port))]]
+               *[arg for name, port in ports.items() for arg in (f"--{name}", str(port))], *extra]
     log = temp / "head.log"
     head = subprocess.Popen(command, start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
@@ -255,7 +261,7 @@ def main() -> None:
         if not (tokenizer_dir / "tokenizer.json").exists():
             train_tokenizer(data_root, tokenizer_dir)
         t = time.perf_counter()
-        head, address = start_head(temp, args.num_cpus or os.cpu_count())
+        head, address = start_head(temp, args.num_cpus or os.cpu_count(), shlex.split(args.head_args))
         print(f"head: ray start --head up in {time.perf_counter() - t:.1f} s at {address}; "
               f"load avg {os.getloadavg()[0]:.1f}", flush=True)
         results, baseline = [], []

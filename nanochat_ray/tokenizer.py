@@ -16,14 +16,17 @@ guarantees that text spelling a special token ("<|bos|>") encodes as ordinary by
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rustbpe
-import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanochat_ray.common import write_atomic
+# torch is imported where the byte-length table is made, saved or loaded, not when this module
+# loads: the data actors only encode, and a process that imports torch spends ~1 CPU second on it
+if TYPE_CHECKING:
+    import torch
 
 # GPT-4's split pattern, except numbers split into groups of at most 2 digits (not 3):
 # spends fewer merges on digit triples in a small vocabulary.
@@ -128,7 +131,8 @@ def _merge_rules(token_bytes: list[bytes], names: list[str]) -> list[tuple[str, 
 
 
 class Tokenizer:
-    def __init__(self, hf: HFTokenizer, token_bytes: torch.Tensor):
+    def __init__(self, hf: HFTokenizer, token_bytes: "torch.Tensor | Path"):
+        """`token_bytes`: the byte-length table, or the file it is loaded from on first use."""
         self.hf = hf
         # text that spells a special token must encode as ordinary bytes (not saved in tokenizer.json)
         self.hf.encode_special_tokens = True
@@ -178,8 +182,10 @@ class Tokenizer:
         return cls(hf, cls._byte_lengths(vocab))
 
     @staticmethod
-    def _byte_lengths(vocab: dict[str, int]) -> torch.Tensor:
+    def _byte_lengths(vocab: dict[str, int]) -> "torch.Tensor":
         """The token_bytes() table from a byte-level vocabulary (token string → id)."""
+        import torch
+
         # every char of a byte-level token stands for exactly one byte; special tokens count 0
         # because they stand for no text (bits-per-byte must not credit them)
         lengths = [0] * len(vocab)
@@ -189,10 +195,14 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json and token_bytes.pt into `directory`, each atomically."""
+        import torch
+
+        from nanochat_ray.common import write_atomic  # (common imports torch)
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_atomic(directory / TOKENIZER_FILE, lambda p: self.hf.save(str(p)))
-        write_atomic(directory / TOKEN_BYTES_FILE, lambda p: torch.save(self._token_bytes, p))
+        write_atomic(directory / TOKEN_BYTES_FILE, lambda p: torch.save(self.token_bytes(), p))
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> "Tokenizer":
@@ -203,7 +213,7 @@ class Tokenizer:
                     f"{directory / name} not found: train the tokenizer first with `python jobs/tokenizer.py`"
                 )
         hf = HFTokenizer.from_file(str(directory / TOKENIZER_FILE))
-        return cls(hf, torch.load(directory / TOKEN_BYTES_FILE, weights_only=True))
+        return cls(hf, directory / TOKEN_BYTES_FILE)
 
     # ---------------------------------------------------------------------------------------
     # vocabulary, encode, decode
@@ -212,8 +222,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size()
 
-    def token_bytes(self) -> torch.Tensor:
+    def token_bytes(self) -> "torch.Tensor":
         """(vocab_size,) int32: UTF-8 bytes each token stands for, 0 for special tokens."""
+        if isinstance(self._token_bytes, Path):
+            import torch
+
+            self._token_bytes = torch.load(self._token_bytes, weights_only=True)
         return self._token_bytes
 
     def encode_special(self, name: str) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nanochat_ray"
 # the only library modules that may import ray; every other module of nanochat_ray is core
-EDGES = {"data.pipeline", "data.download", "train.worker", "train.pretrain", "train.finetune", "train.sweep",
+EDGES = {"data.pipeline", "data.pacing", "data.download", "train.worker", "train.pretrain", "train.finetune", "train.sweep",
          "evals.actors", "rl.actors", "rl.driver"}
 # core modules that start a Ray client on request (init_ray, a cluster's GPU count): ray is
 # imported inside the one function that needs it, never when the module loads
@@ -87,6 +87,15 @@ def test_layers_import_downward_only():
 def test_core_modules_do_not_import_ray():
     imports_ = "; ".join(f"import nanochat_ray.{m}" for m in CORE)
     code = f"import sys; {imports_}; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_data_actors_module_does_not_import_torch():
+    # the pretraining pipeline's processes (its feeder and Ray Data actors) import only
+    # data/pipeline.py: torch would be a second of CPU each on the way to step 1 (README, Start-up)
+    code = ("import sys, nanochat_ray.data.pipeline; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

@@ -40,18 +40,22 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-import torch.distributed as dist
 
-from nanochat_ray.config import Config
-from nanochat_ray.tasks import Task
 from nanochat_ray.tokenizer import Tokenizer
 from nanochat_ray.data.rows import PAD_ID
-from nanochat_ray.train.loop import Batches, TrainState
+
+# The data actors' processes import this module (their classes live here) and nothing of torch:
+# its import is a second of CPU per process, on cores the training's start-up needs
+# (tests/test_layout.py). What the training workers call here imports torch where it runs.
+if TYPE_CHECKING:
+    from nanochat_ray.config import Config
+    from nanochat_ray.tasks import Task
+    from nanochat_ray.train.loop import Batches, TrainState
 
 CONVERSATIONS_PER_ITEM = 256  # one Ray Data item: enough work per call, and the first rows come fast
 ITEMS_PER_STREAM = 1024  # whole epochs of a small mixture run in one stream: its actors start once
@@ -138,6 +142,11 @@ def ordered_map(items: list[dict], actor: type, actor_kwargs: dict, num_actors: 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # order is part of the data position
     ctx.enable_progress_bars = False  # the trainer logs its own progress
+    # (imported here: Ray Data's import at this module's top would come before the driver starts the feeder)
+    from nanochat_ray.data.pacing import PacedScheduling
+
+    if PacedScheduling not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes.append(PacedScheduling)
     if run_ahead_bytes is not None:  # (this process's context: one pipeline per feeder actor)
         ctx.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=run_ahead_bytes)
     return ray.data.from_items(items).map_batches(
@@ -157,7 +166,7 @@ class RenderConversations(DataActor):
     """Ray Data actor: render conversations [start, stop) of a mixture as the tokenizer does for chat:
     token ids, or with `masked` (2, n) ids and the assistant mask, cut to max_tokens."""
 
-    def __init__(self, mixture: Callable[[], Task], tokenizer_dir: str, max_tokens: int, masked: bool,
+    def __init__(self, mixture: Callable[[], "Task"], tokenizer_dir: str, max_tokens: int, masked: bool,
                  background: bool = False):
         super().__init__(background)
         self.mixture = mixture()  # once per actor: loading the datasets takes seconds
@@ -354,7 +363,7 @@ class ChatFeeder(StepFeeder):
     (cut to T+1 tokens) per row, padded to the slice's longest. Conversation i of epoch e is
     mixture[i]; the mixture is built by `mixture()` on each rendering actor."""
 
-    def __init__(self, mixture: Callable[[], Task], size: int, tokenizer_dir: str, seq_len: int, packed: bool,
+    def __init__(self, mixture: Callable[[], "Task"], size: int, tokenizer_dir: str, seq_len: int, packed: bool,
                  num_actors: int = 1, actor_cpus: float = 0.5):
         if size < 1:
             raise ValueError("the conversation mixture is empty")
@@ -409,13 +418,15 @@ class ChatFeeder(StepFeeder):
         return np.stack(rows) if self.packed else padded_rows(rows)
 
 
-def feeder_batches(feeder: "ray.actor.ActorHandle", cfg: Config, rank: int, world_size: int,
-                   state: TrainState) -> Batches:
+def feeder_batches(feeder: "ray.actor.ActorHandle", cfg: "Config", rank: int, world_size: int,
+                   state: "TrainState") -> "Batches":
     """A training worker's rows from a feeder, from state.step / state.data_position on."""
     if rank == 0:  # a no-op when the driver already started the feeder here (a first start)
         get_within(feeder.reset.remote(state.data_position, state.step, world_size, rows_per_slice(cfg, world_size)),
                    "reset")
     if world_size > 1:
+        import torch.distributed as dist
+
         dist.barrier()  # nobody asks for rows before the feeder is at the right position
 
     def batches(step: int):
@@ -424,7 +435,7 @@ def feeder_batches(feeder: "ray.actor.ActorHandle", cfg: Config, rank: int, worl
     return batches
 
 
-def rows_per_slice(cfg: Config, world_size: int) -> int:
+def rows_per_slice(cfg: "Config", world_size: int) -> int:
     """Rows each worker takes per optimizer step."""
     return cfg.grad_accum_steps(world_size) * cfg.device_batch_size
 

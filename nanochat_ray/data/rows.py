@@ -7,25 +7,33 @@ eval actors share them.
     inputs, targets = to_batch(rows[:8], torch.device("cpu"))   # python jobs/base_eval.py
 """
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
-from nanochat_ray.config import Config
-from nanochat_ray.tokenizer import Tokenizer
+# PAD_ID is all the data actors take from here: torch and the config are imported where they are
+# used, so that those processes never import torch (~1 CPU second each, on the way to step 1)
+if TYPE_CHECKING:
+    import torch
+
+    from nanochat_ray.config import Config
+    from nanochat_ray.tokenizer import Tokenizer
 
 PAD_ID = -1  # token id of padding in chat rows: not a real token, so not counted as trained on
 
 VAL_DOCS_PER_BATCH = 64  # documents tokenized at a time for the validation rows
 
 
-def to_batch(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def to_batch(rows: np.ndarray, device: "torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
     """Token rows → inputs (B, T) and targets (B, T), int64 on the device.
 
     rows is (B, T+1) tokens (pretraining: every target counts) or (B, 2, T+1) tokens and a loss
     mask (chat stages: targets whose mask is 0 become -1, which the loss ignores; padding, PAD_ID
     with mask 0, is fed as token 0: causal attention keeps it out of every real position).
     """
+    import torch
+
     rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
     if device.type == "cuda":
         rows = rows.pin_memory().to(device, non_blocking=True)  # overlaps the copy with compute
@@ -35,7 +43,7 @@ def to_batch(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torc
     return rows[:, :-1], rows[:, 1:]
 
 
-def val_rows(val_shard: str, tokenizer: Tokenizer, cfg: Config, rank: int, world_size: int) -> np.ndarray:
+def val_rows(val_shard: str, tokenizer: "Tokenizer", cfg: "Config", rank: int, world_size: int) -> np.ndarray:
     """This worker's share of the first cfg.eval_tokens tokens of the validation shard, packed."""
     row_len = cfg.seq_len + 1
     wanted = cfg.eval_tokens // cfg.seq_len  # rows over all workers

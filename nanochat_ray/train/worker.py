@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from nanochat_ray.checkpoint import (describe_file, finalize_checkpoint, latest_step, load_checkpoint,
                                      mark_latest, read_checkpoint, step_name, write_checkpoint)
@@ -246,6 +248,24 @@ def save_and_report(metrics: dict, meta: dict, model: GPT, optimizers: list, ran
 # the driver
 
 
+class StageTrainer(TorchTrainer):
+    """A TorchTrainer without helper actors that a stage has no use for, each one more process
+    (~1.6 CPU seconds of Ray Train and Ray Data imports) starting beside the worker on the way to
+    step 1: the DatasetManager (it serves `ray.train.get_dataset_shard`, and Ray Train starts it even
+    with no datasets; our rows come from the stage's own feeder), and, when the driver calls fit()
+    (`placement_group_cleaner=False`), the detached PlacementGroupCleaner, which removes the workers'
+    placement group if the controller dies while its owner lives on. The controller dies with the
+    driver, the job with it, and Ray removes a job's placement groups when it ends. Inside an actor
+    (a sweep's trial, which Tune stops by killing it) the cleaner stays."""
+
+    def __init__(self, *args, placement_group_cleaner: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unused = (DatasetsCallback,) + (() if placement_group_cleaner else (PlacementGroupCleanerCallback,))
+
+    def _create_default_callbacks(self) -> list:
+        return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, self.unused)]
+
+
 def write_storage_marker(stage_dir: Path) -> Path:
     """A marker file under the artifact root (<root>/checkpoints/<stage>/<tag> is the stage dir),
     unique to this fit() so that concurrent runs (a sweep's trials) never remove each other's."""
@@ -275,8 +295,10 @@ def fit(spec: TrainSpec, run: RunOptions, callbacks: list | None = None) -> dict
     spec = dataclasses.replace(spec, storage_marker=str(marker),
                                startup=startup.MARKS | {"fit": time.time()})
     resources = {"CPU": run.cpus_per_worker} | ({"GPU": 1} if run.use_gpu else {})
-    trainer = TorchTrainer(
+    trainer = StageTrainer(
         train_worker, train_loop_config=spec,
+        # fit() called by an actor (a sweep's trial), not by the job's driver: keep the cleaner
+        placement_group_cleaner=ray.get_runtime_context().get_actor_id() is not None,
         scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker=resources,
                                      placement_strategy=run.placement_strategy),
         run_config=RunConfig(name=spec.stage_dir.name, storage_path=str(spec.stage_dir.parent),
