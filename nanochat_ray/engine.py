@@ -19,7 +19,6 @@ next steps with mask 0, so RL does not train on the tool's words.
 Run by: python jobs/chat_cli.py, the chat server (python jobs/serve.py), RL and the chat evals; tested by python -m pytest tests/test_engine.py.
 """
 
-import copy
 import math
 from collections import deque
 from collections.abc import Iterator
@@ -27,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from nanochat_ray.calculator import CalculatorError, calculate
-from nanochat_ray.gpt import GPT, KVCache, kv_cache_dtype, matmul_dtype, softcap
+from nanochat_ray.gpt import GPT, KVCache, apply_rotary, kv_cache_dtype, matmul_dtype, norm, softcap
 from nanochat_ray.tokenizer import Tokenizer
 
 UNIFORM_BLOCK = 64  # random numbers a row draws from its generator at a time
@@ -151,12 +150,8 @@ class DecodeBatch:
         # bf16), else the weights'
         dtype = matmul_dtype(weight)
         self.cache = KVCache(max_rows, c.n_kv_head, c.head_dim, c.n_layer, seq_len, device, kv_cache_dtype(device, dtype))
-        # the lm_head is most of a decode step's weights: autocast would cast all of it every step,
-        # which costs more than its bf16 matmul saves (the same tensor when the dtypes agree); the
-        # blocks' weights likewise (on CPU, reading their fp32 values to cast them cost more than
-        # the blocks' bf16 matmuls)
-        self.head_weight = _prepacked(weight.to(dtype), max_rows)
-        self.model = _with_blocks_in(model, dtype)
+        self.model = model
+        self.forward = _Forward(model, dtype, max_rows)
         self.rows: list[_Row] = []
         # per-row settings, indexed like the cache; rows [len(self.rows), max_rows) are free
         self.inputs = torch.zeros(max_rows, dtype=torch.long, device=device)  # token fed in next step
@@ -198,7 +193,7 @@ class DecodeBatch:
         # the rest needs only its keys and values, so the prefill skips the lm_head
         prefix = KVCache(1, c.n_kv_head, c.head_dim, c.n_layer, len(prompt), self.cache.kv.device, self.cache.kv.dtype)
         if len(prompt) > 1:
-            self.model.hidden_states(torch.tensor([prompt[:-1]], device=self.inputs.device), kv_cache=prefix)
+            self.forward.hidden_states(torch.tensor([prompt[:-1]], device=self.inputs.device), prefix)
         rows = list(range(first, first + num_samples))
         self.cache.prefill_from(prefix, rows)
         self.inputs[rows] = prompt[-1]
@@ -218,8 +213,8 @@ class DecodeBatch:
         n = len(self.rows)
         if n == 0:
             return {}
-        hidden = self.model.hidden_states(self.inputs[:n, None], kv_cache=self.cache)[:, 0]
-        logits = self._logits(hidden)  # (n, vocab) fp32
+        hidden = self.forward.hidden_states(self.inputs[:n, None], self.cache)[:, 0]
+        logits = self.forward.logits(hidden)  # (n, vocab) fp32
         sampled = sample_next_token(logits, self.temperature[:n], self.top_k[:n], self._uniforms(),
                                     self.top_p[:n]).tolist()
         tokens, out = [], {}
@@ -249,14 +244,6 @@ class DecodeBatch:
             self.rows[i] = self.rows[last]
         self.rows.pop()
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's soft-capped fp32 logits of hidden (n, n_embd), through oneDNN when the head is prepacked."""
-        if not self.head_weight.is_mkldnn:
-            return self.model.logits(hidden, self.head_weight)
-        # the same bf16 products as `hidden @ weight.T` under autocast, to the bit (tested)
-        low = torch.ops.mkldnn._linear_pointwise(hidden.to(self.head_weight.dtype), self.head_weight, None, "none", [], "")
-        return softcap(low.float())
-
     def _uniforms(self) -> torch.Tensor:
         """One number in (0, 1] per row, the next from that row's own generator."""
         for i, row in enumerate(self.rows):
@@ -284,27 +271,64 @@ class DecodeBatch:
             row.python.append(token)
 
 
+class _Forward:
+    """The model's forward with a KV cache (GPT.hidden_states, then GPT.logits), as the engine runs it:
+    every matmul weight held in the compute dtype, cast once here instead of by autocast every step (on
+    CPU, reading fp32 weights to cast them cost more than the bf16 matmuls), bf16 ones prepacked for
+    oneDNN (_prepacked), and the queries', keys' and values' projections stacked into one matmul, their
+    rotary and norm done in one call each: a decode step is mostly small ops. The same numbers as the
+    model's own forward under the same autocast, to the bit (tests/test_engine.py). It reads the
+    weights once: build a new batch after loading new weights."""
+
+    def __init__(self, model: GPT, dtype: torch.dtype, rows: int):
+        self.model, c = model, model.config
+        self.heads = (c.n_head, c.n_kv_head, c.head_dim)
+
+        def cast(*weights: torch.Tensor) -> torch.Tensor:  # the weight itself when already in dtype, unpacked
+            return _prepacked((torch.cat(weights) if len(weights) > 1 else weights[0]).detach().to(dtype), rows)
+        self.layers = [(cast(b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight), cast(b.attn.c_proj.weight),
+                        cast(b.mlp.c_fc.weight), cast(b.mlp.c_proj.weight)) for b in model.transformer.h]
+        self.head = cast(model.lm_head.weight)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """idx (B, T) → final normed hidden states (B, T, n_embd), continuing rows [0, B) of cache."""
+        B, T = idx.size()
+        H, H_kv, D = self.heads
+        positions = cache.begin(B, T)  # (B, T): every row continues from its own length
+        assert cache.mask.size(-1) <= self.model.cos.size(1), "sequence exceeds the rotary table"
+        cos, sin = self.model.cos[0, positions], self.model.sin[0, positions]  # (B, T, 1, D/2)
+        x = norm(self.model.transformer.wte(idx))
+        for layer, (qkv_weight, proj, fc, fc_proj) in enumerate(self.layers):
+            qkv = _matmul(norm(x), qkv_weight).view(B, T, H + 2 * H_kv, D)
+            qk = norm(apply_rotary(qkv[:, :, :H + H_kv], cos, sin)).transpose(1, 2)  # (B, H + H_kv, T, D)
+            y = cache.attend(layer, qk[:, :H], qk[:, H:], qkv[:, :, H + H_kv:].transpose(1, 2), H != H_kv)
+            x = x + _matmul(y.transpose(1, 2).reshape(B, T, -1), proj)
+            x = x + _matmul(F.relu(_matmul(norm(x), fc)).square(), fc_proj)
+        return norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., n_embd) → soft-capped fp32 logits (..., vocab), as GPT.logits."""
+        return softcap(_matmul(hidden, self.head).float())
+
+
 def _prepacked(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """A bf16 lm_head on CPU in oneDNN's blocked layout for `rows`-row matmuls (a private op of torch's
+    """A bf16 weight on CPU in oneDNN's blocked layout for `rows`-row matmuls (a private op of torch's
     CPU inference backend), else weight itself. A plain bf16 matmul reorders the whole weight into that
-    layout on every call: at 16 rows × 65,536 × 256 that reorder is half of it (7.6 → 4.5 CPU ms on one
-    thread, AMD EPYC with AVX-512 BF16), and the lm_head is the biggest part of a decode step."""
+    layout on every call: for the lm_head at 16 rows × 65,536 × 256 that is half its time (7.6 → 4.5 CPU
+    ms on one thread, AMD EPYC with AVX-512 BF16), and the lm_head is the biggest part of a decode step."""
     if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available()
             or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return weight
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 
-def _with_blocks_in(model: GPT, dtype: torch.dtype) -> GPT:
-    """The model with its blocks' weights (all matmul weights) cast to dtype and everything else
-    shared with it; the model itself when they are in dtype already. Under autocast to dtype, its
-    forward is the model's to the bit: autocast would make the same casts."""
-    cast = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False)
-            for p in model.transformer.h.parameters() if p.dtype != dtype}
-    if not cast:
-        return model
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in cast}
-    return copy.deepcopy(model, memo=cast | shared)
+def _matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ weight.T in weight's dtype, weight plain or _prepacked (the same products to the bit)."""
+    x = x.to(weight.dtype)
+    if not weight.is_mkldnn:
+        return F.linear(x, weight)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), weight, None, "none", [], "")
+    return y.view(*x.shape[:-1], -1)
 
 
 # -----------------------------------------------------------------------------
