@@ -20,6 +20,7 @@ Run by: python jobs/chat_cli.py, the chat server (python jobs/serve.py), RL and 
 """
 
 import math
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -139,9 +140,10 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_rows: int, seq_len: int = 256):
-        """Build inside the autocast context the steps will run in: the KV cache and the lm_head
-        take its dtype. With bf16 autocast over fp32 weights the lm_head is cast here, once, so
-        the batch decodes with the head it was built with (build a new one after loading weights)."""
+        """Build inside the autocast context the steps will run in: the KV cache and the weights
+        take its dtype. The weights are read here (cast and prepacked once per model and weights,
+        see _Forward), so the batch decodes with the weights it was built with: build a new one
+        after loading weights."""
         self.tokenizer = tokenizer
         c = model.config
         weight = model.lm_head.weight
@@ -151,7 +153,7 @@ class DecodeBatch:
         dtype = matmul_dtype(weight)
         self.cache = KVCache(max_rows, c.n_kv_head, c.head_dim, c.n_layer, seq_len, device, kv_cache_dtype(device, dtype))
         self.model = model
-        self.forward = _Forward(model, dtype, max_rows)
+        self.forward = _forward_of(model, dtype)
         self.rows: list[_Row] = []
         # per-row settings, indexed like the cache; rows [len(self.rows), max_rows) are free
         self.inputs = torch.zeros(max_rows, dtype=torch.long, device=device)  # token fed in next step
@@ -277,15 +279,16 @@ class _Forward:
     CPU, reading fp32 weights to cast them cost more than the bf16 matmuls), bf16 ones prepacked for
     oneDNN (_prepacked), and the queries', keys' and values' projections stacked into one matmul, their
     rotary and norm done in one call each: a decode step is mostly small ops. The same numbers as the
-    model's own forward under the same autocast, to the bit (tests/test_engine.py). It reads the
-    weights once: build a new batch after loading new weights."""
+    model's own forward under the same autocast, to the bit (tests/test_engine.py). Built by
+    `_forward_of`; it holds the model's tensors, not the model."""
 
-    def __init__(self, model: GPT, dtype: torch.dtype, rows: int):
-        self.model, c = model, model.config
+    def __init__(self, model: GPT, dtype: torch.dtype):
+        c = model.config
         self.heads = (c.n_head, c.n_kv_head, c.head_dim)
+        self.wte, self.cos, self.sin = model.transformer.wte.weight, model.cos, model.sin
 
         def cast(*weights: torch.Tensor) -> torch.Tensor:  # the weight itself when already in dtype, unpacked
-            return _prepacked((torch.cat(weights) if len(weights) > 1 else weights[0]).detach().to(dtype), rows)
+            return _prepacked((torch.cat(weights) if len(weights) > 1 else weights[0]).detach().to(dtype))
         self.layers = [(cast(b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight), cast(b.attn.c_proj.weight),
                         cast(b.mlp.c_fc.weight), cast(b.mlp.c_proj.weight)) for b in model.transformer.h]
         self.head = cast(model.lm_head.weight)
@@ -295,12 +298,16 @@ class _Forward:
         B, T = idx.size()
         H, H_kv, D = self.heads
         positions = cache.begin(B, T)  # (B, T): every row continues from its own length
-        assert cache.mask.size(-1) <= self.model.cos.size(1), "sequence exceeds the rotary table"
-        cos, sin = self.model.cos[0, positions], self.model.sin[0, positions]  # (B, T, 1, D/2)
-        x = norm(self.model.transformer.wte(idx))
+        assert cache.mask.size(-1) <= self.cos.size(1), "sequence exceeds the rotary table"
+        cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
+        # apply_rotary as x·[cos, cos] + x with its halves swapped·[sin, -sin]: four ops instead of eight,
+        # the same products and sums (a - b and a + (-b) round alike)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, -sin), dim=-1)
+        x = norm(F.embedding(idx, self.wte))
         for layer, (qkv_weight, proj, fc, fc_proj) in enumerate(self.layers):
             qkv = _matmul(norm(x), qkv_weight).view(B, T, H + 2 * H_kv, D)
-            qk = norm(apply_rotary(qkv[:, :, :H + H_kv], cos, sin)).transpose(1, 2)  # (B, H + H_kv, T, D)
+            qk = qkv[:, :, :H + H_kv]
+            qk = norm((qk * cos + qk.roll(D // 2, dims=-1) * sin).to(qk.dtype)).transpose(1, 2)  # (B, H + H_kv, T, D)
             y = cache.attend(layer, qk[:, :H], qk[:, H:], qkv[:, :, H + H_kv:].transpose(1, 2), H != H_kv)
             x = x + _matmul(y.transpose(1, 2).reshape(B, T, -1), proj)
             x = x + _matmul(F.relu(_matmul(norm(x), fc)).square(), fc_proj)
@@ -311,15 +318,31 @@ class _Forward:
         return softcap(_matmul(hidden, self.head).float())
 
 
-def _prepacked(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """A bf16 weight on CPU in oneDNN's blocked layout for `rows`-row matmuls (a private op of torch's
+# one _Forward per model and dtype, kept while the model's weights stay the same: casting and prepacking
+# the weights cost ~40 ms of CPU at d4 (a few decode steps), and the CLI, the chat evals and RL start a
+# batch per answer. Weak keys: the cache lets a model go (its _Forward holds tensors, not the model).
+_forwards: "weakref.WeakKeyDictionary[GPT, tuple[tuple, _Forward]]" = weakref.WeakKeyDictionary()
+
+
+def _forward_of(model: GPT, dtype: torch.dtype) -> _Forward:
+    """The model's _Forward in dtype, rebuilt when a weight was replaced or changed in place (an optimiser
+    step or load_state_dict bumps the tensor's version)."""
+    key = (dtype, *((p.data_ptr(), p._version) for p in model.parameters()))
+    cached = _forwards.get(model)
+    if cached is None or cached[0] != key:
+        cached = _forwards[model] = (key, _Forward(model, dtype))
+    return cached[1]
+
+
+def _prepacked(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight on CPU in oneDNN's blocked layout for matmuls (a private op of torch's
     CPU inference backend), else weight itself. A plain bf16 matmul reorders the whole weight into that
     layout on every call: for the lm_head at 16 rows × 65,536 × 256 that is half its time (7.6 → 4.5 CPU
     ms on one thread, AMD EPYC with AVX-512 BF16), and the lm_head is the biggest part of a decode step."""
     if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available()
             or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return weight
-    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
 
 
 def _matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -157,6 +157,22 @@ def test_bf16_autocast_decodes_with_weights_cast_once_as_autocast_would(model, t
     assert first == [want, want]
 
 
+def test_batches_share_the_cast_weights_until_the_model_changes(model, tokenizer):
+    hidden = torch.randn(2, model.config.n_embd)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        first = DecodeBatch(model, tokenizer, max_rows=1).forward
+        assert DecodeBatch(model, tokenizer, max_rows=3).forward is first
+        with torch.no_grad():
+            model.lm_head.weight.mul_(2)  # in place, as an optimiser step or load_state_dict
+        try:
+            second = DecodeBatch(model, tokenizer, max_rows=1).forward
+            assert second is not first and torch.equal(second.logits(hidden), model.logits(hidden))
+        finally:
+            with torch.no_grad():
+                model.lm_head.weight.div_(2)
+    assert DecodeBatch(model, tokenizer, max_rows=1).forward.head.dtype == torch.float32  # fp32: its own
+
+
 def test_samples_of_one_prefill_equal_separate_runs_seeded_seed_plus_row(model, tokenizer):
     engine = Engine(model, tokenizer)
     prompt = prompt_of(tokenizer, "strawberries")
