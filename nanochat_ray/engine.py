@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat_ray.calculator import CalculatorError, calculate
-from nanochat_ray.gpt import GPT, KVCache, apply_rotary, kv_cache_dtype, matmul_dtype, norm, softcap
+from nanochat_ray.gpt import GPT, KVCache, kv_cache_dtype, matmul_dtype, norm, softcap
 from nanochat_ray.tokenizer import Tokenizer
 
 UNIFORM_BLOCK = 64  # random numbers a row draws from its generator at a time
@@ -300,8 +300,8 @@ class _Forward:
         positions = cache.begin(B, T)  # (B, T): every row continues from its own length
         assert cache.mask.size(-1) <= self.cos.size(1), "sequence exceeds the rotary table"
         cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
-        # apply_rotary as x·[cos, cos] + x with its halves swapped·[sin, -sin]: four ops instead of eight,
-        # the same products and sums (a - b and a + (-b) round alike)
+        # gpt.apply_rotary as x·[cos, cos] + x with its halves swapped·[sin, -sin]: four ops instead of
+        # eight, the same products and sums (a - b and a + (-b) round alike)
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, -sin), dim=-1)
         x = norm(F.embedding(idx, self.wte))
         for layer, (qkv_weight, proj, fc, fc_proj) in enumerate(self.layers):

@@ -130,17 +130,18 @@ def test_greedy_with_cache_equals_recomputing_the_full_sequence(model, tokenizer
     assert cached == ids
 
 
-def test_bf16_autocast_decodes_with_weights_cast_once_as_autocast_would(model, tokenizer):
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_engine_forward_gives_the_model_numbers_to_the_bit(model, tokenizer, bf16):
     # CUDA and CPUs with native bf16 decode under bf16 autocast; the batch casts the weights once (and
     # prepacks them for oneDNN on CPU). On CPU the cache stays fp32: torch's CPU attention is faster in
     # fp32 than in bf16
     prompt = prompt_of(tokenizer, "the lazy dog")
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.inference_mode():
         batch = DecodeBatch(model, tokenizer, max_rows=2)
-        assert batch.forward.head.dtype == torch.bfloat16 and batch.cache.kv.dtype == torch.float32
-        assert model.lm_head.weight.dtype == torch.float32
-        # the engine's forward (stacked q/k/v, weights cast once) gives the model's own numbers to the bit:
-        # a prefill and a decode step of two rows of different lengths
+        assert batch.forward.head.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert batch.cache.kv.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
+        # stacked q/k/v, rotary in four ops, weights cast once: the model's own numbers, a prefill and
+        # a decode step of two rows of different lengths
         ours, theirs = (KVCache(2, model.config.n_kv_head, model.config.head_dim, model.config.n_layer, 32)
                         for _ in range(2))
         for cache in (ours, theirs):
