@@ -9,7 +9,8 @@ on CPUs with native bf16), the two interleaved so that load from other processes
 
 --baseline-dir DIR (a checkout of another commit, e.g. `git worktree add /tmp/base <commit>`) times
 the 16-sample case of DIR's nanochat_ray and of this checkout's in turns, each in a fresh process,
---rounds times, and prints the medians and their ratio.
+--rounds times, and prints the medians and their ratio: tokens/s (wall clock, 2 threads) and the CPU
+milliseconds of one thread per decode step (robust to other processes' load, unlike wall clock).
 
 The model is a freshly initialised depth-4 GPT (vocab 65,536) whose lm_head is drawn at random
 (the init's zero head would make every token equally likely); rows run to max_tokens unless
@@ -78,6 +79,26 @@ def step_ms(model: GPT, tokenizer: Tokenizer, context: int, rows: int, dtype: st
     return best
 
 
+def step_cpu_ms(model: GPT, tokenizer: Tokenizer, prompt: list[int], rows: int, steps: int, dtype: str) -> float:
+    """Median CPU milliseconds of one thread per decode step of `rows` rows after `prompt`: torch on one
+    thread, timed with time.thread_time, which other processes' load barely moves (wall clock on 2 shared
+    cores swings several-fold)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with autocast(torch.device("cpu"), DTYPES[dtype]):
+            batch = DecodeBatch(model, tokenizer, max_rows=rows, seq_len=len(prompt) + steps)
+            batch.add(prompt, num_samples=rows, max_tokens=steps)
+            times = []
+            while len(batch):
+                start = time.thread_time()
+                batch.step()
+                times.append(time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4)
@@ -111,6 +132,7 @@ def main() -> None:
     if args.rate_only:
         for dtype, rate in generated_per_second(engine, prompt, 16, args.max_tokens, args.dtypes).items():
             print(f"RATE {dtype} {rate}")
+            print(f"STEPCPU {dtype} {step_cpu_ms(model, tokenizer, prompt, 16, args.max_tokens, dtype)}")
         return
     print(f"\n{'samples':>16} {'dtype':>9} {'tokens/s':>9} {'reference':>10} {'speed-up':>9}")
     rates = {}
@@ -147,6 +169,7 @@ def compare(args: argparse.Namespace) -> None:
     command = [sys.executable, __file__, "--rate-only", "--depth", str(args.depth), "--vocab-size", str(args.vocab_size),
                "--prompt", str(args.prompt), "--max-tokens", str(args.max_tokens), "--dtypes", *args.dtypes]
     rates = {(name, dtype): [] for name in roots for dtype in args.dtypes}
+    cpu_ms = {(name, dtype): [] for name in roots for dtype in args.dtypes}
     for turn in range(args.rounds):
         for name, root in roots.items():
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
@@ -155,11 +178,18 @@ def compare(args: argparse.Namespace) -> None:
                 if line.startswith("RATE "):
                     _, dtype, rate = line.split()
                     rates[(name, dtype)].append(float(rate))
-                    print(f"turn {turn + 1}: {name:>13} {dtype:>9} {float(rate):7.0f} tok/s", flush=True)
+                elif line.startswith("STEPCPU "):
+                    _, dtype, ms = line.split()
+                    cpu_ms[(name, dtype)].append(float(ms))
+                    print(f"turn {turn + 1}: {name:>13} {dtype:>9} {rates[(name, dtype)][-1]:7.0f} tok/s, "
+                          f"{float(ms):6.2f} CPU ms per step on 1 thread", flush=True)
     for dtype in args.dtypes:
         base, new = (statistics.median(rates[(name, dtype)]) for name in roots)
+        base_ms, new_ms = (statistics.median(cpu_ms[(name, dtype)]) for name in roots)
         print(f"{dtype}: baseline median {base:.0f} tok/s, this checkout {new:.0f} tok/s: {new / base:.2f}x; "
               f"{new / SIDE_BY_SIDE_16:.2f}x the reference's {SIDE_BY_SIDE_16} (goal 4x)")
+        print(f"{dtype}: 1-thread CPU ms per 16-row step, medians: baseline {base_ms:.2f}, this checkout {new_ms:.2f}: "
+              f"{base_ms / new_ms:.2f}x")
 
 
 if __name__ == "__main__":

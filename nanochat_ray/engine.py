@@ -19,18 +19,18 @@ next steps with mask 0, so RL does not train on the tool's words.
 Run by: python jobs/chat_cli.py, the chat server (python jobs/serve.py), RL and the chat evals; tested by python -m pytest tests/test_engine.py.
 """
 
-import copy
 import math
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from nanochat_ray.calculator import CalculatorError, calculate
-from nanochat_ray.gpt import GPT, KVCache, kv_cache_dtype, matmul_dtype
+from nanochat_ray.gpt import GPT, KVCache, kv_cache_dtype, matmul_dtype, norm, softcap
 from nanochat_ray.tokenizer import Tokenizer
 
 UNIFORM_BLOCK = 64  # random numbers a row draws from its generator at a time
@@ -140,9 +140,10 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_rows: int, seq_len: int = 256):
-        """Build inside the autocast context the steps will run in: the KV cache and the lm_head
-        take its dtype. With bf16 autocast over fp32 weights the lm_head is cast here, once, so
-        the batch decodes with the head it was built with (build a new one after loading weights)."""
+        """Build inside the autocast context the steps will run in: the KV cache and the weights
+        take its dtype. The weights are read here (cast and prepacked once per model and weights,
+        see _Forward), so the batch decodes with the weights it was built with: build a new one
+        after loading weights."""
         self.tokenizer = tokenizer
         c = model.config
         weight = model.lm_head.weight
@@ -151,12 +152,8 @@ class DecodeBatch:
         # bf16), else the weights'
         dtype = matmul_dtype(weight)
         self.cache = KVCache(max_rows, c.n_kv_head, c.head_dim, c.n_layer, seq_len, device, kv_cache_dtype(device, dtype))
-        # the lm_head is most of a decode step's weights: autocast would cast all of it every step,
-        # which costs more than its bf16 matmul saves (the same tensor when the dtypes agree); the
-        # blocks' weights likewise (on CPU, reading their fp32 values to cast them cost more than
-        # the blocks' bf16 matmuls)
-        self.head_weight = weight.to(dtype)
-        self.model = _with_blocks_in(model, dtype)
+        self.model = model
+        self.forward = _forward_of(model, dtype)
         self.rows: list[_Row] = []
         # per-row settings, indexed like the cache; rows [len(self.rows), max_rows) are free
         self.inputs = torch.zeros(max_rows, dtype=torch.long, device=device)  # token fed in next step
@@ -198,7 +195,7 @@ class DecodeBatch:
         # the rest needs only its keys and values, so the prefill skips the lm_head
         prefix = KVCache(1, c.n_kv_head, c.head_dim, c.n_layer, len(prompt), self.cache.kv.device, self.cache.kv.dtype)
         if len(prompt) > 1:
-            self.model.hidden_states(torch.tensor([prompt[:-1]], device=self.inputs.device), kv_cache=prefix)
+            self.forward.hidden_states(torch.tensor([prompt[:-1]], device=self.inputs.device), prefix)
         rows = list(range(first, first + num_samples))
         self.cache.prefill_from(prefix, rows)
         self.inputs[rows] = prompt[-1]
@@ -218,8 +215,8 @@ class DecodeBatch:
         n = len(self.rows)
         if n == 0:
             return {}
-        hidden = self.model.hidden_states(self.inputs[:n, None], kv_cache=self.cache)[:, 0]
-        logits = self.model.logits(hidden, self.head_weight)  # (n, vocab) fp32
+        hidden = self.forward.hidden_states(self.inputs[:n, None], self.cache)[:, 0]
+        logits = self.forward.logits(hidden)  # (n, vocab) fp32
         sampled = sample_next_token(logits, self.temperature[:n], self.top_k[:n], self._uniforms(),
                                     self.top_p[:n]).tolist()
         tokens, out = [], {}
@@ -276,16 +273,85 @@ class DecodeBatch:
             row.python.append(token)
 
 
-def _with_blocks_in(model: GPT, dtype: torch.dtype) -> GPT:
-    """The model with its blocks' weights (all matmul weights) cast to dtype and everything else
-    shared with it; the model itself when they are in dtype already. Under autocast to dtype, its
-    forward is the model's to the bit: autocast would make the same casts."""
-    cast = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False)
-            for p in model.transformer.h.parameters() if p.dtype != dtype}
-    if not cast:
-        return model
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in cast}
-    return copy.deepcopy(model, memo=cast | shared)
+class _Forward:
+    """The model's forward with a KV cache (GPT.hidden_states, then GPT.logits), as the engine runs it:
+    every matmul weight held in the compute dtype, cast once here instead of by autocast every step (on
+    CPU, reading fp32 weights to cast them cost more than the bf16 matmuls), bf16 ones prepacked for
+    oneDNN (_prepacked), and the queries', keys' and values' projections stacked into one matmul, their
+    rotary and norm done in one call each: a decode step is mostly small ops. The same numbers as the
+    model's own forward under the same autocast, to the bit (tests/test_engine.py). Built by
+    `_forward_of`; it holds the model's tensors, not the model."""
+
+    def __init__(self, model: GPT, dtype: torch.dtype):
+        c = model.config
+        self.heads = (c.n_head, c.n_kv_head, c.head_dim)
+        self.wte, self.cos, self.sin = model.transformer.wte.weight, model.cos, model.sin
+
+        def cast(*weights: torch.Tensor) -> torch.Tensor:  # the weight itself when already in dtype, unpacked
+            return _prepacked((torch.cat(weights) if len(weights) > 1 else weights[0]).detach().to(dtype))
+        self.layers = [(cast(b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight), cast(b.attn.c_proj.weight),
+                        cast(b.mlp.c_fc.weight), cast(b.mlp.c_proj.weight)) for b in model.transformer.h]
+        self.head = cast(model.lm_head.weight)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """idx (B, T) → final normed hidden states (B, T, n_embd), continuing rows [0, B) of cache."""
+        B, T = idx.size()
+        H, H_kv, D = self.heads
+        positions = cache.begin(B, T)  # (B, T): every row continues from its own length
+        assert cache.mask.size(-1) <= self.cos.size(1), "sequence exceeds the rotary table"
+        cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
+        # gpt.apply_rotary as x·[cos, cos] + x with its halves swapped·[sin, -sin]: four ops instead of
+        # eight, the same products and sums (a - b and a + (-b) round alike)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, -sin), dim=-1)
+        x = norm(F.embedding(idx, self.wte))
+        for layer, (qkv_weight, proj, fc, fc_proj) in enumerate(self.layers):
+            qkv = _matmul(norm(x), qkv_weight).view(B, T, H + 2 * H_kv, D)
+            qk = qkv[:, :, :H + H_kv]
+            qk = norm((qk * cos + qk.roll(D // 2, dims=-1) * sin).to(qk.dtype)).transpose(1, 2)  # (B, H + H_kv, T, D)
+            y = cache.attend(layer, qk[:, :H], qk[:, H:], qkv[:, :, H + H_kv:].transpose(1, 2), H != H_kv)
+            x = x + _matmul(y.transpose(1, 2).reshape(B, T, -1), proj)
+            x = x + _matmul(F.relu(_matmul(norm(x), fc)).square(), fc_proj)
+        return norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., n_embd) → soft-capped fp32 logits (..., vocab), as GPT.logits."""
+        return softcap(_matmul(hidden, self.head).float())
+
+
+# one _Forward per model and dtype, kept while the model's weights stay the same: casting and prepacking
+# the weights cost ~40 ms of CPU at d4 (a few decode steps), and the CLI, the chat evals and RL start a
+# batch per answer. Weak keys: the cache lets a model go (its _Forward holds tensors, not the model).
+_forwards: "weakref.WeakKeyDictionary[GPT, tuple[tuple, _Forward]]" = weakref.WeakKeyDictionary()
+
+
+def _forward_of(model: GPT, dtype: torch.dtype) -> _Forward:
+    """The model's _Forward in dtype, rebuilt when a weight was replaced or changed in place (an optimiser
+    step or load_state_dict bumps the tensor's version)."""
+    key = (dtype, *((p.data_ptr(), p._version) for p in model.parameters()))
+    cached = _forwards.get(model)
+    if cached is None or cached[0] != key:
+        cached = _forwards[model] = (key, _Forward(model, dtype))
+    return cached[1]
+
+
+def _prepacked(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight on CPU in oneDNN's blocked layout for matmuls (a private op of torch's
+    CPU inference backend), else weight itself. A plain bf16 matmul reorders the whole weight into that
+    layout on every call: for the lm_head at 16 rows × 65,536 × 256 that is half its time (7.6 → 4.5 CPU
+    ms on one thread, AMD EPYC with AVX-512 BF16), and the lm_head is the biggest part of a decode step."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available()
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return weight
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ weight.T in weight's dtype, weight plain or _prepacked (the same products to the bit)."""
+    x = x.to(weight.dtype)
+    if not weight.is_mkldnn:
+        return F.linear(x, weight)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), weight, None, "none", [], "")
+    return y.view(*x.shape[:-1], -1)
 
 
 # -----------------------------------------------------------------------------

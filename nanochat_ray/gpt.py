@@ -306,11 +306,10 @@ class GPT(nn.Module):
         loss = head_loss(x, self.lm_head.weight, targets, loss_reduction)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
 
-    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states (..., n_embd) → soft-capped fp32 logits (..., vocab): the one logits path
-        outside the loss (the engine's decode steps, the evals' chosen positions). `weight`: the
-        lm_head already in the compute dtype (the engine's copy), instead of autocast casting it."""
-        return head_logits(hidden, self.lm_head.weight if weight is None else weight)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., n_embd) → soft-capped fp32 logits (..., vocab): the model's logits path
+        outside the loss (the evals' chosen positions; the engine's own forward gives the same bits)."""
+        return head_logits(hidden, self.lm_head.weight)
 
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanochat_ray.engine import DecodeBatch, Engine, sample_next_token
-from nanochat_ray.gpt import GPT, GPTConfig, build_gpt
+from nanochat_ray.gpt import GPT, GPTConfig, KVCache, build_gpt
 from nanochat_ray.tokenizer import Tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog while 12 + 30 = 42 and strawberries are red. " * 4
@@ -130,24 +130,48 @@ def test_greedy_with_cache_equals_recomputing_the_full_sequence(model, tokenizer
     assert cached == ids
 
 
-def test_bf16_autocast_decodes_with_a_head_cast_once_as_autocast_would(model, tokenizer):
-    # CUDA and CPUs with native bf16 decode under bf16 autocast; the batch casts the lm_head once.
-    # On CPU the cache stays fp32: torch's CPU attention is faster in fp32 than in bf16
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_engine_forward_gives_the_model_numbers_to_the_bit(model, tokenizer, bf16):
+    # CUDA and CPUs with native bf16 decode under bf16 autocast; the batch casts the weights once (and
+    # prepacks them for oneDNN on CPU). On CPU the cache stays fp32: torch's CPU attention is faster in
+    # fp32 than in bf16
     prompt = prompt_of(tokenizer, "the lazy dog")
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.inference_mode():
         batch = DecodeBatch(model, tokenizer, max_rows=2)
+        assert batch.forward.head.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert batch.cache.kv.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
+        # stacked q/k/v, rotary in four ops, weights cast once: the model's own numbers, a prefill and
+        # a decode step of two rows of different lengths
+        ours, theirs = (KVCache(2, model.config.n_kv_head, model.config.head_dim, model.config.n_layer, 32)
+                        for _ in range(2))
+        for cache in (ours, theirs):
+            cache.pos[1] = 3
+        ids = torch.tensor([prompt[:7], prompt[3:10]])
+        assert torch.equal(batch.forward.hidden_states(ids, ours), model.hidden_states(ids, kv_cache=theirs))
+        step = torch.tensor([[prompt[7]], [prompt[10]]])
+        hidden = batch.forward.hidden_states(step, ours)
+        assert torch.equal(hidden, model.hidden_states(step, kv_cache=theirs))
+        assert torch.equal(batch.forward.logits(hidden), model.logits(hidden))
         batch.add(prompt, num_samples=2, temperature=0.0)
-        assert batch.head_weight.dtype == torch.bfloat16 and batch.cache.kv.dtype == torch.float32
-        # the blocks' weights are cast once too, to the values autocast's per-step casts would give
-        assert {p.dtype for p in batch.model.transformer.h.parameters()} == {torch.bfloat16}
-        assert batch.model.lm_head.weight is model.lm_head.weight and model.lm_head.weight.dtype == torch.float32
-        ids = torch.tensor([prompt])
-        assert torch.equal(batch.model.hidden_states(ids), model.hidden_states(ids))
-        hidden = torch.randn(3, model.config.n_embd)
-        assert torch.equal(model.logits(hidden, batch.head_weight), model.logits(hidden))  # autocast's own cast
         first = [g.token for g in batch.step().values()]
         want = model(torch.tensor([prompt]))[0, -1].argmax().item()
     assert first == [want, want]
+
+
+def test_batches_share_the_cast_weights_until_the_model_changes(model, tokenizer):
+    hidden = torch.randn(2, model.config.n_embd)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        first = DecodeBatch(model, tokenizer, max_rows=1).forward
+        assert DecodeBatch(model, tokenizer, max_rows=3).forward is first
+        with torch.no_grad():
+            model.lm_head.weight.mul_(2)  # in place, as an optimiser step or load_state_dict
+        try:
+            second = DecodeBatch(model, tokenizer, max_rows=1).forward
+            assert second is not first and torch.equal(second.logits(hidden), model.logits(hidden))
+        finally:
+            with torch.no_grad():
+                model.lm_head.weight.div_(2)
+    assert DecodeBatch(model, tokenizer, max_rows=1).forward.head.dtype == torch.float32  # fp32: its own
 
 
 def test_samples_of_one_prefill_equal_separate_runs_seeded_seed_plus_row(model, tokenizer):

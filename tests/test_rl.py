@@ -281,7 +281,7 @@ def test_the_gpu_path_in_bf16_publishes_bf16_and_samples_in_bf16(ray_cluster, sf
 
     def spy(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        caches.append((self.head_weight.dtype, self.cache.kv.dtype))
+        caches.append((self.forward.head.dtype, self.cache.kv.dtype))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(rl_policy.DecodeBatch, "__init__", spy)
         result = worker.rollout(version, "toy", "train", [0, 1], [0, 100], 4, 8)
