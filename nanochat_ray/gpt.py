@@ -14,9 +14,7 @@ Notable features:
 - a KV-cache forward path for the inference engine, with a length per row so unrelated
   requests decode in one batch
 
-Build on the meta device, move to the target device, then call init_weights():
-    with torch.device("meta"): model = GPT(config)
-    model.to_empty(device="cpu"); model.init_weights()
+Build with build_gpt(config, device): the model on its device, then init_weights().
 """
 
 import math
@@ -246,7 +244,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """SPEC §3 init; call after to_empty() when the model was built on the meta device."""
+        """SPEC §3 init, over the constructors' default init (build_gpt)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
@@ -334,11 +332,12 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return softcap((hidden @ weight.t()).float())
 
 
-# The loss is a pair of custom ops rather than a plain autograd.Function: torch.compile would trace
-# a Function's forward and backward into one graph, merge the backward's recomputed logits with the
-# forward's (common-subexpression elimination) and save every chunk's logits for the backward,
-# which is the whole (B·T, vocab) tensor again. An op's inside is opaque to the compiler, so the
-# compiled step saves what setup_context saves and no more. (Inside, the chunks run eagerly.)
+# Under torch.compile the loss is a pair of custom ops rather than a plain autograd.Function: the
+# compiler would trace a Function's forward and backward into one graph, merge the backward's
+# recomputed logits with the forward's (common-subexpression elimination) and save every chunk's
+# logits for the backward, which is the whole (B·T, vocab) tensor again. An op's inside is opaque to
+# the compiler, so the compiled step saves what setup_context saves and no more. (Inside, the chunks
+# run eagerly.) Eager mode runs the same functions as an autograd.Function (_EagerHeadLoss).
 #
 # Two ways to the gradient. A mean or sum loss (training) scales every row's loss alike, so its
 # forward computes the gradients for a unit scale while each chunk's logits are at hand and saves
@@ -443,8 +442,7 @@ def _grad_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return (torch.empty_like if rows else torch.zeros_like)(weight, dtype=torch.float32)
 
 
-@torch.library.custom_op("nanochat::head_loss", mutates_args=())
-def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+def _head_loss_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
                with_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy of softcap(hidden @ weight.T) (0 where target < 0), each row's log-sum-exp
     of the shifted logits (see CAP), and with_grads: the gradients wrt hidden and weight of the losses'
@@ -465,8 +463,7 @@ def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return losses, lse, grad_hidden, grad_weight
 
 
-@torch.library.custom_op("nanochat::head_loss_backward", mutates_args=())
-def _head_loss_backward(grad_losses: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def _head_loss_recompute(grad_losses: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         lse: torch.Tensor, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients wrt hidden and weight for any weight per row, recomputing each chunk's logits and
     turning them into that chunk's gradient in place: one (rows, V) logits buffer and one gradient
@@ -484,6 +481,10 @@ def _head_loss_backward(grad_losses: torch.Tensor, hidden: torch.Tensor, weight:
         grad = _logits_grad(capped, probs, t).mul_(grad_losses[rows, None])
         _accumulate_grads(grad, h, weight, grad_hidden[rows], grad_weight, i == 0)
     return grad_hidden, grad_weight.to(weight_dtype)
+
+
+_head_loss = torch.library.custom_op("nanochat::head_loss", _head_loss_forward, mutates_args=())
+_head_loss_backward = torch.library.custom_op("nanochat::head_loss_backward", _head_loss_recompute, mutates_args=())
 
 
 @_head_loss.register_fake
@@ -517,12 +518,21 @@ def _backward(ctx, grad_losses: torch.Tensor, _grad_lse, _grad_hidden, _grad_wei
         # in place: nothing else holds these, and a fresh vocab × width copy is 16,000 page faults on CPU
         return grad_hidden.mul_(scale), grad_weight.mul_(scale).to(ctx.weight_dtype), None, None, None
     hidden, weight, targets, lse = ctx.saved_tensors
-    grad_hidden, grad_weight = _head_loss_backward(grad_losses.contiguous(), hidden, weight, targets, lse,
-                                                   ctx.chunk_rows)
+    recompute = _head_loss_backward if torch.compiler.is_compiling() else _head_loss_recompute
+    grad_hidden, grad_weight = recompute(grad_losses.contiguous(), hidden, weight, targets, lse, ctx.chunk_rows)
     return grad_hidden, grad_weight, None, None, None
 
 
 _head_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerHeadLoss(torch.autograd.Function):
+    """The head loss outside torch.compile: the ops' own functions, without torch.library's dispatch,
+    which wraps every kernel in torch._disable_dynamo and so imports torch._dynamo at the first call
+    (a CPU second, in a worker on the way to step 1)."""
+    forward = staticmethod(_head_loss_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
@@ -540,7 +550,8 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     hidden = hidden.to(matmul_dtype(hidden))  # autocast's dtype, as nn.Linear would compute in
     # the forward computes the gradients when they will be needed and every row weighs the same
     with_grads = reduction != "none" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    losses = _head_loss(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_rows, with_grads)[0]
+    loss_op = _head_loss if torch.compiler.is_compiling() else _EagerHeadLoss.apply
+    losses = loss_op(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_rows, with_grads)[0]
     if reduction == "none":
         return losses.view(targets.shape)
     if reduction == "sum":
@@ -549,9 +560,12 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
 
 def build_gpt(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
-    """A freshly initialised GPT: built on the meta device (no wasted init), then materialised."""
-    with torch.device("meta"):
+    """A freshly initialised GPT, built on its device."""
+    # Not built on the meta device and then materialised: on meta, the embedding's normal_ and the
+    # rotary table's arange run through torch._refs, whose first call imports torch._dynamo (a CPU
+    # second, in the worker on the way to step 1); the constructors' default init that
+    # init_weights() overwrites costs ~0.2 s on CPU at the cpu preset's size
+    with torch.device(device):
         model = GPT(config)
-    model.to_empty(device=device)
     model.init_weights()
     return model

@@ -74,6 +74,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
     the averaged gradient, updates the piece and broadcasts it. Subclasses say how parameters
     split into pieces and how one piece is updated."""
 
+    # torch wraps Optimizer.add_param_group in torch._disable_dynamo, whose first call imports
+    # torch._dynamo (a CPU second, in the worker on the way to step 1). Our optimizers run eagerly
+    # (only the model is compiled), so they take the function it wraps.
+    add_param_group = getattr(torch.optim.Optimizer.add_param_group, "__wrapped__",
+                              torch.optim.Optimizer.add_param_group)
+
     def _pieces(self, p: torch.Tensor, index: int, world: int) -> list[tuple[slice, int]]:
         """(row slice, owner) for each piece of parameter number `index`."""
         raise NotImplementedError

@@ -165,8 +165,7 @@ def test_generative_shards_add_up(random_gpt, tok, data_root):
 
 def test_real_gpt_runs_both_kinds(tok, data_root):
     config = GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
-    model = GPT(config)  # built on the CPU directly: build_gpt's meta-device path costs seconds on first use
-    model.init_weights()
+    model = build_gpt(config)
     mc = run_task_eval("MMLU", model, tok, range(3), data_root=data_root)
     assert mc.num_total == 3 and set(mc.predictions.values()) <= set("ABCD")
     gen = run_task_eval("GSM8K", model, tok, [0], data_root=data_root, max_tokens=3)

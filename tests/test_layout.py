@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nanochat_ray"
 # the only library modules that may import ray; every other module of nanochat_ray is core
-EDGES = {"data.pipeline", "data.pacing", "data.download", "train.worker", "train.pretrain", "train.finetune", "train.sweep",
+EDGES = {"data.pipeline", "data.pacing", "data.download", "train.worker", "train.process_group", "train.pretrain", "train.finetune", "train.sweep",
          "evals.actors", "rl.actors", "rl.driver"}
 # core modules that start a Ray client on request (init_ray, a cluster's GPU count): ray is
 # imported inside the one function that needs it, never when the module loads
@@ -89,6 +89,32 @@ def test_core_modules_do_not_import_ray():
     code = f"import sys; {imports_}; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_backend_config_unpickles_without_torch():
+    # Ray Train's controller unpickles it (train/worker.py gives it the stage's spec by reference):
+    # torch there would be a CPU second on the way to step 1 (README, Start-up)
+    code = ("import pickle, sys; from nanochat_ray.train.process_group import ProcessGroupConfig; "
+            "sys.stdout.buffer.write(pickle.dumps(ProcessGroupConfig(backend='gloo')))")
+    pickled = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, check=True).stdout
+    code = ("import pickle, sys; config = pickle.loads(sys.stdin.buffer.read()); assert config.backend == 'gloo'; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], input=pickled, capture_output=True, cwd=ROOT, check=True)
+    assert out.stdout.decode().strip() == "[]", out.stdout
+
+
+def test_an_eager_training_step_does_not_import_dynamo():
+    # torch._dynamo is a CPU second of imports, in the worker on the way to step 1; the model build,
+    # the optimizers and the head loss keep clear of what imports it (README, Start-up)
+    code = ("import sys, torch; from nanochat_ray.gpt import GPTConfig, build_gpt; "
+            "from nanochat_ray.optim import build_optimizers, step_optimizers; "
+            "model = build_gpt(GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)); "
+            "optimizers = build_optimizers(model); idx = torch.randint(0, 256, (2, 32)); "
+            "model(idx, targets=idx).backward(); step_optimizers(optimizers, 1.0); "
+            "model(idx, targets=idx, loss_reduction='none').sum().backward(); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
 
 
 def test_the_data_actors_module_does_not_import_torch():

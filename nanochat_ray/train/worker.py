@@ -52,6 +52,7 @@ from nanochat_ray.stage import (METRICS_LOG, PLACEMENT_STRATEGIES, TRAINING_GAUG
                                 checkpoint_meta, greedy_samples, stage_optimizers, without_compile_prefix)
 from nanochat_ray.train import startup
 from nanochat_ray.train.loop import Batches, Periodic, TrainState, run
+from nanochat_ray.train.process_group import ProcessGroupConfig
 
 STORAGE_MARKERS = ".shared-storage"  # under the artifact root: one marker file per running fit()
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch, read by its controller
@@ -134,7 +135,8 @@ def truncate_metrics(path: Path, step: int) -> None:
         write_atomic(path, "".join(line + "\n" for line in lines))
 
 
-def train_worker(spec: TrainSpec) -> None:
+def train_worker(config: dict) -> None:
+    spec: TrainSpec = ray.get(config["spec"])  # (see fit(): Ray Train's controller never unpickles it)
     if not verbose():
         # Ray Train logs every report ("Reporting training result N: ...") through a logger named
         # after its file, not under `ray.train`, so LoggingConfig misses it; it reaches the root logger
@@ -296,7 +298,11 @@ def fit(spec: TrainSpec, run: RunOptions, callbacks: list | None = None) -> dict
                                startup=startup.MARKS | {"fit": time.time()})
     resources = {"CPU": run.cpus_per_worker} | ({"GPU": 1} if run.use_gpu else {})
     trainer = StageTrainer(
-        train_worker, train_loop_config=spec,
+        # Ray Train's controller unpickles the loop config and the backend config: the spec goes by
+        # reference (its classes live in modules that import torch and the model), and the process
+        # group is set up by a backend that imports no torch either (train/process_group.py), so the
+        # controller, one of the processes that start one after the other before step 1, imports neither
+        train_worker, train_loop_config={"spec": ray.put(spec)}, torch_config=ProcessGroupConfig(),
         # fit() called by an actor (a sweep's trial), not by the job's driver: keep the cleaner
         placement_group_cleaner=ray.get_runtime_context().get_actor_id() is not None,
         scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker=resources,
