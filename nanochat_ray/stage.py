@@ -50,7 +50,9 @@ class RunOptions:
     data_root: str | None = None  # a local mirror laid out like shared/data
     num_workers: int = 1  # training workers (RL: its one learner)
     use_gpu: bool = False  # one GPU per worker
-    cpus_per_worker: float = 1.0
+    # None (the Ray Train stages' CLI default): the CPUs free when the stage starts, shared over its
+    # workers (train/worker.py); a worker's torch runs as many threads as it reserves CPUs
+    cpus_per_worker: float | None = 1.0
     resume: bool = False  # continue the stage's latest checkpoint
     fresh: bool = False  # move an existing run of the stage aside and start over
     max_failures: int = 2  # restarts of the workers (or RL's actors) before giving up

@@ -14,7 +14,9 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-workers", type=int, default=1, help="training workers (one per GPU)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, bf16, compile")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved by each worker")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0,
+                        help="CPUs reserved by each worker (default 1; pretraining, mid and SFT without GPUs: the "
+                             "cluster's free CPUs when the stage starts, shared over the workers, at most a node's)")
     parser.add_argument("--data-root", default=os.environ.get("NANOCHAT_DATA"),
                         help="local mirror laid out like shared/data (env NANOCHAT_DATA)")
     parser.add_argument("--tokenizer-dir", type=Path, default=None, help="default: <base dir>/tokenizer")
@@ -37,6 +39,9 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--placement-strategy", choices=PLACEMENT_STRATEGIES, default="PACK",
                         help="how the workers are placed over nodes: PACK (fewest nodes), SPREAD (most nodes), "
                              "STRICT_* (wait until that holds)")
+    # a CPU-only stage alone on its machine uses its cores: Ray gives an actor's torch as many threads
+    # as it reserves CPUs, and one reserved CPU left a 2-core machine's second core to the data actors
+    parser.set_defaults(cpus_per_worker=None)
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:

@@ -277,6 +277,14 @@ def write_storage_marker(stage_dir: Path) -> Path:
     return marker
 
 
+def free_cpu_share(num_workers: int) -> float:
+    """CPUs per worker of a CPU-only stage that was given none: those free in the cluster now, shared
+    over the workers, at most one node's (a worker runs on one node), at least 1."""
+    free = ray.available_resources().get("CPU", 0.0)
+    largest_node = max(node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"])
+    return float(max(1, min(largest_node, free // num_workers)))
+
+
 def fit(spec: TrainSpec, run: RunOptions, callbacks: list | None = None) -> dict:
     """Run one training stage on Ray Train (the stage's driver has started Ray); returns the final
     metrics and checkpoint path.
@@ -296,7 +304,8 @@ def fit(spec: TrainSpec, run: RunOptions, callbacks: list | None = None) -> dict
     marker = write_storage_marker(spec.stage_dir)
     spec = dataclasses.replace(spec, storage_marker=str(marker),
                                startup=startup.MARKS | {"fit": time.time()})
-    resources = {"CPU": run.cpus_per_worker} | ({"GPU": 1} if run.use_gpu else {})
+    cpus = run.cpus_per_worker or (1.0 if run.use_gpu else free_cpu_share(run.num_workers))
+    resources = {"CPU": cpus} | ({"GPU": 1} if run.use_gpu else {})
     trainer = StageTrainer(
         # Ray Train's controller unpickles the loop config and the backend config: the spec goes by
         # reference (its classes live in modules that import torch and the model), and the process
