@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 SOFTCAP = 15.0  # logits are squashed to (-15, 15) by SOFTCAP·tanh(logits / SOFTCAP)
 LOG2_E = math.log2(math.e)
@@ -559,13 +560,24 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     return losses.sum() / (targets >= 0).sum()
 
 
+class _SkipInit(TorchFunctionMode):
+    """torch.nn.init's functions leave their tensor as it is: the constructors' default init, which
+    init_weights() replaces, takes no time and draws no random numbers (the seed's init stays the one
+    init_weights() draws)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def build_gpt(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
     """A freshly initialised GPT, built on its device."""
-    # Not built on the meta device and then materialised: on meta, the embedding's normal_ and the
-    # rotary table's arange run through torch._refs, whose first call imports torch._dynamo (a CPU
-    # second, in the worker on the way to step 1); the constructors' default init that
-    # init_weights() overwrites costs ~0.2 s on CPU at the cpu preset's size
-    with torch.device(device):
+    # Not built on the meta device and then materialised: on meta, the rotary table's arange (and
+    # the inits) run through torch._refs, whose first call imports torch._dynamo (a CPU second, in
+    # the worker on the way to step 1)
+    with torch.device(device), _SkipInit():
         model = GPT(config)
     model.init_weights()
     return model

@@ -136,7 +136,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def train_worker(config: dict) -> None:
-    spec: TrainSpec = ray.get(config["spec"])  # (see fit(): Ray Train's controller never unpickles it)
+    # (by reference: see fit()) the driver's object, here at once or an error if the driver is gone
+    spec: TrainSpec = ray.get(config["spec"], timeout=60)
     if not verbose():
         # Ray Train logs every report ("Reporting training result N: ...") through a logger named
         # after its file, not under `ray.train`, so LoggingConfig misses it; it reaches the root logger
