@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,14 @@ def test_dashboard_metric_names_are_valid_prometheus_names():
     for stage in ("base", "mid", "sft"):
         for name in TRAINING_GAUGES:
             assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", f"nanochat_{stage}_{name}")
+
+
+@pytest.mark.parametrize("actor, idle, nice", [("DataActor", True, 0), ("StepFeeder", False, 10)])
+def test_background_data_actors_leave_the_cores_to_training(actor, idle, nice):
+    # a CPU-only run's Ray Data actors take a core only when nothing else wants it; its feeders,
+    # which answer the workers' calls, are niced instead (each in a process of its own)
+    code = (f"import os; from nanochat_ray.data.pipeline import {actor}; before = os.nice(0); {actor}(True); "
+            "print(os.sched_getscheduler(0) == os.SCHED_IDLE, os.nice(0) - before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == [str(idle), str(nice)], out.stdout + out.stderr
