@@ -75,6 +75,7 @@ class ProcessGroupBackend(Backend):
         from ray.train._internal.utils import get_address_and_port
 
         master = worker_group.execute_single(0, get_address_and_port)
+        # (a worker that never joins fails init_process_group on the others after timeout_s)
         ray.get([worker_group.execute_single_async(rank, join_process_group, backend_config.backend, master, rank,
                                                    len(worker_group), backend_config.timeout_s)
                  for rank in range(len(worker_group))])
